@@ -1,0 +1,1 @@
+"""PyTorch port of DVIS-DAQ offline (the eager baseline and parity oracle)."""
