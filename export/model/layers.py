@@ -34,6 +34,48 @@ def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
     return x if pos is None else x + pos
 
 
+def multi_head_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+                         attn_mask: Optional[Tensor] = None,
+                         key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """``nn.MultiheadAttention`` forward (dropout 0, no weights) written with plain ops.
+
+    Used when exporting to ONNX: with torch 2.13's TorchScript exporter, the built-in module
+    bakes the key length into a ``Reshape`` when key and value are the same tensor (self-attention
+    or cross-attention without position embeddings), so a graph exported at one track count fails
+    at another. Here no shape is read in Python, so every length stays dynamic. The module is only
+    the holder of the parameters (``in_proj_weight``/``in_proj_bias``/``out_proj``), so state-dict
+    names do not change. Eager runs keep using the module itself (official numerics).
+
+    Args:
+        query: (Lq, B, E); key, value: (Lk, B, E).
+        attn_mask: (B*nhead, Lq, Lk) bool (True = blocked) or additive float, or None.
+        key_padding_mask: (B, Lk) bool (True = ignored key), or None.
+    Returns:
+        (Lq, B, E).
+    """
+    e, h = attn.embed_dim, attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(query, w[:e], b[:e]).unflatten(-1, (h, -1)).permute(1, 2, 0, 3)
+    k = F.linear(key, w[e:2 * e], b[e:2 * e]).unflatten(-1, (h, -1)).permute(1, 2, 3, 0)
+    v = F.linear(value, w[2 * e:], b[2 * e:]).unflatten(-1, (h, -1)).permute(1, 2, 0, 3)
+    logits = torch.matmul(q * float((e // h) ** -0.5), k)               # (B, h, Lq, Lk)
+    if attn_mask is not None:
+        m = attn_mask.unflatten(0, (-1, h))
+        logits = logits.masked_fill(m, float("-inf")) if m.dtype == torch.bool else logits + m
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    out = torch.matmul(logits.softmax(dim=-1), v)                         # (B, h, Lq, d)
+    return attn.out_proj(out.permute(2, 0, 1, 3).flatten(2))
+
+
+def _attend(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+            attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> Tensor:
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return multi_head_attention(attn, query, key, value, attn_mask, key_padding_mask)
+    return attn(query, key, value=value, attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+
 class SelfAttentionLayer(nn.Module):
     """Self-attention + residual + LayerNorm (official ``SelfAttentionLayer``).
 
@@ -59,12 +101,10 @@ class SelfAttentionLayer(nn.Module):
         if self.normalize_before:
             t = self.norm(tgt)
             qk = _with_pos(t, query_pos)
-            out = self.self_attn(qk, qk, value=t, attn_mask=tgt_mask,
-                                 key_padding_mask=tgt_key_padding_mask, need_weights=False)[0]
+            out = _attend(self.self_attn, qk, qk, t, tgt_mask, tgt_key_padding_mask)
             return tgt + self.dropout(out)
         qk = _with_pos(tgt, query_pos)
-        out = self.self_attn(qk, qk, value=tgt, attn_mask=tgt_mask,
-                             key_padding_mask=tgt_key_padding_mask, need_weights=False)[0]
+        out = _attend(self.self_attn, qk, qk, tgt, tgt_mask, tgt_key_padding_mask)
         return self.norm(tgt + self.dropout(out))
 
 
@@ -94,15 +134,11 @@ class CrossAttentionLayer(nn.Module):
                 pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None) -> Tensor:
         if self.normalize_before:
             t = self.norm(tgt)
-            out = self.multihead_attn(query=_with_pos(t, query_pos), key=_with_pos(memory, pos),
-                                      value=memory, attn_mask=memory_mask,
-                                      key_padding_mask=memory_key_padding_mask,
-                                      need_weights=False)[0]
+            out = _attend(self.multihead_attn, _with_pos(t, query_pos), _with_pos(memory, pos),
+                          memory, memory_mask, memory_key_padding_mask)
             return tgt + self.dropout(out)
-        out = self.multihead_attn(query=_with_pos(tgt, query_pos), key=_with_pos(memory, pos),
-                                  value=memory, attn_mask=memory_mask,
-                                  key_padding_mask=memory_key_padding_mask,
-                                  need_weights=False)[0]
+        out = _attend(self.multihead_attn, _with_pos(tgt, query_pos), _with_pos(memory, pos),
+                      memory, memory_mask, memory_key_padding_mask)
         return self.norm(tgt + self.dropout(out))
 
 
