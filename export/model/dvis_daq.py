@@ -154,8 +154,9 @@ class DvisDaqOffline(nn.Module):
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.tracker = tracker
-        self.refiner = refiner
+        # registration order = official state-dict order (the criterion is set before the refiner)
         self.daq_criterion = DaqCriterionStub(settings.num_classes)
+        self.refiner = refiner
         self.settings = settings
         self.register_buffer("pixel_mean", torch.tensor(settings.pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(settings.pixel_std).view(-1, 1, 1), False)
@@ -178,7 +179,7 @@ class DvisDaqOffline(nn.Module):
         outs: Dict[str, List[Tensor]] = {}
         w = max(1, int(self.settings.segmenter_window))
         for s in range(0, images.shape[0], w):
-            out = seg(images[s:s + w])
+            out = dict(zip(seg.OUTPUT_NAMES, seg(images[s:s + w])))
             for k, v in out.items():
                 outs.setdefault(k, []).append(v)
         return {k: torch.cat(v, dim=0) for k, v in outs.items()}
@@ -193,6 +194,7 @@ class DvisDaqOffline(nn.Module):
         fe, mf, mp = seg["frame_embeds"], seg["mask_features"], seg["mask_pooled"]
         seg_scores = F.softmax(seg["pred_logits"], dim=-1)[..., :-1].max(dim=-1)[0]
         seg_query_feat = self.sem_seg_head.predictor.query_feat.weight
+        tracker.set_seg_query_feat(seg_query_feat)  # the slot branch's start features
         bg_slots = tracker.bg_slots.weight
         hub: Dict[int, TrackSequence] = {}
         last_ids: Optional[List[int]] = None

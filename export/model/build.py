@@ -1,0 +1,96 @@
+"""Build the PyTorch port of DVIS-DAQ offline from a resolved config.
+
+Maps config keys onto module constructors the way the official ``from_config`` class methods do:
+``DVIS_DAQ_offline.from_config`` (``dvis_daq/meta_architecture.py``: tracker, refiner, inference
+values), ``MSDeformAttnPixelDecoder.from_config`` (``transformer_dim_feedforward`` is hard-coded
+to 1024 there), ``VideoMultiScaleMaskedTransformerDecoder_dvisPlus.from_config``
+(``dec_layers = DEC_LAYERS - 1``), detectron2's ``build_resnet_backbone``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from dvis_trt.runtime.config import inference_values
+from dvis_trt.runtime.errors import InputError
+
+from .backbone import build_resnet
+from .dvis_daq import DvisDaqOffline, InferenceSettings
+from .pixel_decoder import MSDeformAttnPixelDecoder
+from .predictor import VideoMultiScaleMaskedTransformerDecoder_dvisPlus
+from .refiner import TemporalRefiner
+from .segmenter import SemSegHead
+from .tracker import VideoInstanceCutter
+
+SUPPORTED_BACKBONES = ("build_resnet_backbone",)
+
+
+def _check_supported(cfg: Any) -> None:
+    where = f" (config {cfg.source})" if getattr(cfg, "source", None) else ""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch != "DVIS_DAQ_offline":
+        raise InputError(f"MODEL.META_ARCHITECTURE is {arch!r}{where}; dvis-trt exports "
+                         "DVIS_DAQ_offline models (use an offline DAQ config)")
+    backbone = cfg.MODEL.BACKBONE.NAME
+    if backbone not in SUPPORTED_BACKBONES:
+        raise InputError(f"backbone {backbone!r}{where} is not supported yet; supported: "
+                         f"{', '.join(SUPPORTED_BACKBONES)} (ResNet-50/101)")
+    dec = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
+    if dec != "VideoMultiScaleMaskedTransformerDecoder_dvisPlus":
+        raise InputError(f"MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME is {dec!r}{where}; "
+                         "expected VideoMultiScaleMaskedTransformerDecoder_dvisPlus")
+
+
+def build_model(cfg: Any) -> DvisDaqOffline:
+    """Build ``DvisDaqOffline`` (random init, eval mode) from a resolved config.
+
+    Args:
+        cfg: a :class:`dvis_trt.runtime.config.Config` (``load_config(path)``).
+    Returns:
+        the model in eval mode; its ``state_dict()`` names and shapes equal the official
+        model's for the same config.
+    Raises:
+        InputError: for a meta-architecture, backbone or decoder this port does not implement.
+    """
+    _check_supported(cfg)
+    m = cfg.MODEL
+    r = m.RESNETS
+    backbone = build_resnet(
+        depth=int(r.DEPTH), stem_out_channels=int(r.STEM_OUT_CHANNELS),
+        res2_out_channels=int(r.RES2_OUT_CHANNELS), num_groups=int(r.NUM_GROUPS),
+        width_per_group=int(r.WIDTH_PER_GROUP), stride_in_1x1=bool(r.STRIDE_IN_1X1),
+        res5_dilation=int(r.RES5_DILATION), out_features=tuple(r.OUT_FEATURES), norm=r.NORM)
+    shapes = backbone.output_shape()
+    ssh, mf = m.SEM_SEG_HEAD, m.MASK_FORMER
+    pixel_decoder = MSDeformAttnPixelDecoder(
+        {k: v for k, v in shapes.items() if k in tuple(ssh.IN_FEATURES)},
+        conv_dim=int(ssh.CONVS_DIM), mask_dim=int(ssh.MASK_DIM), norm=ssh.NORM,
+        transformer_dropout=float(mf.DROPOUT), transformer_nheads=int(mf.NHEADS),
+        transformer_dim_feedforward=1024,  # hard-coded in the official from_config
+        transformer_enc_layers=int(ssh.TRANSFORMER_ENC_LAYERS),
+        transformer_in_features=tuple(ssh.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
+        common_stride=int(ssh.COMMON_STRIDE),
+        enc_n_points=int(ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS))
+    predictor = VideoMultiScaleMaskedTransformerDecoder_dvisPlus(
+        in_channels=int(ssh.CONVS_DIM), num_classes=int(ssh.NUM_CLASSES),
+        hidden_dim=int(mf.HIDDEN_DIM), num_queries=int(mf.NUM_OBJECT_QUERIES),
+        nheads=int(mf.NHEADS), dim_feedforward=int(mf.DIM_FEEDFORWARD),
+        dec_layers=int(mf.DEC_LAYERS) - 1, pre_norm=bool(mf.PRE_NORM),
+        mask_dim=int(ssh.MASK_DIM), enforce_input_project=bool(mf.ENFORCE_INPUT_PROJ),
+        num_reid_head_layers=int(mf.NUM_REID_HEAD_LAYERS),
+        reid_hidden_dim=int(mf.REID_HIDDEN_DIM))
+    sem_seg_head = SemSegHead(pixel_decoder, predictor)
+    vh = m.VIDEO_HEAD
+    tracker = VideoInstanceCutter(
+        hidden_dim=int(mf.HIDDEN_DIM), feedforward_dim=int(mf.DIM_FEEDFORWARD),
+        num_head=int(mf.NHEADS), decoder_layer_num=int(m.TRACKER.DECODER_LAYERS),
+        mask_dim=int(mf.HIDDEN_DIM),  # official: mask_dim=cfg.MODEL.MASK_FORMER.HIDDEN_DIM
+        num_classes=int(ssh.NUM_CLASSES), num_new_ins=int(vh.NUM_NEW_INS),
+        num_slots=int(vh.NUM_SLOTS), num_queries=int(mf.NUM_OBJECT_QUERIES))
+    refiner = TemporalRefiner(
+        hidden_channel=int(mf.HIDDEN_DIM), feedforward_channel=int(mf.DIM_FEEDFORWARD),
+        num_head=int(mf.NHEADS), decoder_layer_num=int(m.REFINER.DECODER_LAYERS),
+        mask_dim=int(mf.HIDDEN_DIM), class_num=int(ssh.NUM_CLASSES),
+        windows=int(mf.TEST.WINDOW_SIZE), use_local_attn=bool(vh.USE_LOCAL_ATTN))
+    settings = InferenceSettings.from_values(inference_values(cfg))
+    model = DvisDaqOffline(backbone, sem_seg_head, tracker, refiner, settings)
+    return model.eval()
