@@ -149,7 +149,7 @@ class VideoMultiScaleMaskedTransformerDecoder_dvisPlus(nn.Module):
             ``pred_embds`` (T, Q, C) = decoder output after ``decoder_norm`` (the official
             ``pred_embds`` rearranged from (1, C, T, Q)).
         Raises:
-            ValueError: wrong number of levels or mismatched frame counts.
+            ValueError: wrong number of levels or a mask_features that is not 4-D.
         """
         if len(multi_scale_features) != self.num_feature_levels:
             raise ValueError(f"predictor: expected {self.num_feature_levels} feature levels, "

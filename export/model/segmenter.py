@@ -41,11 +41,13 @@ def mask_pool(pred_masks: Tensor, mask_features: Tensor) -> Tensor:
                          f"{tuple(mask_features.shape)}")
     # Accumulate in float32 whatever the input dtype: pixel counts reach h*w (> 2048, the
     # last exact fp16 integer) and 1e-8 underflows to 0 in fp16 (empty mask -> 0/0).
+    # (The dtype tests are on Python values, so a float32 export carries no Cast nodes.)
+    feats = mask_features if mask_features.dtype == torch.float32 else mask_features.float()
     seg = (pred_masks.sigmoid() > 0.5).to(torch.float32).flatten(2)              # (T, Q, hw)
-    feats = mask_features.to(torch.float32).flatten(2).transpose(1, 2)            # (T, hw, C)
-    summed = torch.matmul(seg, feats)                                             # (T, Q, C)
+    summed = torch.matmul(seg, feats.flatten(2).transpose(1, 2))                  # (T, Q, C)
     count = seg.sum(dim=-1, keepdim=True)                                         # (T, Q, 1)
-    return (summed / (count + 1e-8)).to(mask_features.dtype)
+    pooled = summed / (count + 1e-8)
+    return pooled if pooled.dtype == mask_features.dtype else pooled.to(mask_features.dtype)
 
 
 class SemSegHead(nn.Module):
