@@ -9,7 +9,10 @@ but never matters in ``eval()``.
 
 Export notes: the two einsums of the official code are written as batched matmuls; nothing
 depends on tensor values, and the number of slots (= tracks + background slots) stays a
-dynamic dimension.
+dynamic dimension. While tracing / exporting, the cross-attention runs through
+``layers.multi_head_attention`` (plain ops, same parameters) because the built-in
+``nn.MultiheadAttention`` bakes sequence lengths into the TorchScript-exported graph; eager
+runs use the module itself.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .layers import multi_head_attention
 
 
 def _activation(name: str):
@@ -126,6 +131,14 @@ class SlotCrossAttentionLayer(nn.Module):
     def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
         return x if pos is None else x + pos
 
+    def _mha(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+             key_padding_mask: Optional[Tensor]) -> Tensor:
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            return multi_head_attention(self.multihead_attn, query, key, value, attn_mask,
+                                        key_padding_mask)
+        return self.multihead_attn(query=query, key=key, value=value, attn_mask=attn_mask,
+                                   key_padding_mask=key_padding_mask, need_weights=False)[0]
+
     def forward(self, tgt: Tensor, memory: Tensor, memory_mask: Optional[Tensor] = None,
                 memory_key_padding_mask: Optional[Tensor] = None,
                 pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None,
@@ -139,18 +152,13 @@ class SlotCrossAttentionLayer(nn.Module):
             slot_query = tgt
         if self.normalize_before:
             t = self.norm(tgt)
-            t2 = self.multihead_attn(query=self._with_pos(t, query_pos),
-                                     key=self._with_pos(memory, pos), value=memory,
-                                     attn_mask=memory_mask,
-                                     key_padding_mask=memory_key_padding_mask,
-                                     need_weights=False)[0]
+            t2 = self._mha(self._with_pos(t, query_pos), self._with_pos(memory, pos), memory,
+                           memory_mask, memory_key_padding_mask)
             # official pre-norm path: no transposes around the (batch-first) slot attention
             t3 = self.slot_attn(t2, tgt + self.dropout(t2), slot_query)
             return tgt + self.dropout(t3)
-        t2 = self.multihead_attn(query=self._with_pos(tgt, query_pos),
-                                 key=self._with_pos(memory, pos), value=memory,
-                                 attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
-                                 need_weights=False)[0]
+        t2 = self._mha(self._with_pos(tgt, query_pos), self._with_pos(memory, pos), memory,
+                       memory_mask, memory_key_padding_mask)
         inputs_k = tgt + self.dropout(t2)
         t3 = self.slot_attn(t2.transpose(0, 1), inputs_k.transpose(0, 1),
                             slot_query.transpose(0, 1))
