@@ -285,6 +285,7 @@ class OfflinePipeline:
             out = self._run("tracker_first", {"frame_embeds": frame_embeds,
                                               "mask_features": mask_features},
                             fetch=("embeds", "pred_logits", "track_pos"))
+            pos_key = "track_pos"
             valid = fg_scores(seg_logits) > s.aux_inference_select_threshold
         else:
             n = hub.num_live
@@ -294,7 +295,8 @@ class OfflinePipeline:
                 "track_queries": hub.live_embed, "track_pos": hub.live_guided,
                 "frame_embeds": frame_embeds, "mask_pooled": mask_pooled,
                 "mask_features": mask_features, "slot_index": slot_index.astype(np.int64)},
-                fetch=("embeds", "pred_logits", "slot_logits", "track_pos"))
+                fetch=("embeds", "pred_logits", "slot_logits", "track_pos_out"))
+            pos_key = "track_pos_out"
             scores = fg_scores(self._host(out["pred_logits"]))
             if s.ovis_infer:
                 fg = fg_scores(self._host(out["slot_logits"]))
@@ -304,7 +306,7 @@ class OfflinePipeline:
             else:
                 valid = scores > s.inference_select_threshold
         hub.update(frame, self._host(out["embeds"]), self._host(out["pred_logits"]),
-                   self._host(out["track_pos"]), valid)
+                   self._host(out[pos_key]), valid)
 
     # ---------------------------------------------------------------- per clip
     def process_clip(self, frames: Sequence[np.ndarray], hub: TrackHub, clip_start: int = 0,
