@@ -69,7 +69,7 @@ def build_model(cfg: Any) -> DvisDaqOffline:
         transformer_enc_layers=int(ssh.TRANSFORMER_ENC_LAYERS),
         transformer_in_features=tuple(ssh.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
         common_stride=int(ssh.COMMON_STRIDE),
-        enc_n_points=int(ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS))
+        enc_n_points=4)  # official from_config never reads ..._ENCODER_N_POINTS: always 4
     predictor = VideoMultiScaleMaskedTransformerDecoder_dvisPlus(
         in_channels=int(ssh.CONVS_DIM), num_classes=int(ssh.NUM_CLASSES),
         hidden_dim=int(mf.HIDDEN_DIM), num_queries=int(mf.NUM_OBJECT_QUERIES),
