@@ -1,6 +1,6 @@
 """Build one TensorRT engine per stage of a bundle (``dvis-trt build BUNDLE``).
 
-Polygraphy's loaders do the TensorRT work: ``LoadPlugins`` (our MSDA plugin library, loaded
+Polygraphy's loaders do the TensorRT work: our MSDA plugin library registered through ``dvis_trt.plugins.register_trt_plugin`` (loaded
 before parsing so the ONNX parser finds its creator), ``NetworkFromOnnxPath(strongly_typed=True)``
 (TensorRT 11 always builds strongly typed; TRT 10 needs the flag: precision is what the graph's
 dtypes say, see :mod:`dvis_trt.engine.precision`), ``CreateConfig(profiles=..., memory_pool_limits=
@@ -178,9 +178,12 @@ def build_engines(bundle_dir: str | os.PathLike, limits: BuildLimits, *,
         for name in stage_names:
             onnx_path = manifest.stage_path(name)
             log(f"building {name} ({len(profiles[name])} profile(s)) from {onnx_path.name} ...")
-            network = ptrt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
             if plugin is not None:
-                network = ptrt.LoadPlugins(plugins=[str(plugin)], obj=network)
+                # our library registers its creators through the registry's load_library
+                # (getCreators entry point), not on a plain dlopen: register before parsing
+                from dvis_trt.plugins import register_trt_plugin
+                register_trt_plugin(plugin)
+            network = ptrt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
             pool = {}
             if workspace_gib:
                 pool[trt.MemoryPoolType.WORKSPACE] = int(workspace_gib * (1 << 30))
@@ -266,10 +269,10 @@ def check_engines(bundle_dir: str | os.PathLike, *, engine_dir: str | None = Non
                     feed[t.name] = rng.integers(0, hi, size=shape, dtype=np.int64)
                 else:
                     feed[t.name] = rng.standard_normal(shape).astype(t.dtype)
-        plugins = [em.plugin_library["path"]] if em.plugin_library else []
+        if em.plugin_library:
+            from dvis_trt.plugins import register_trt_plugin
+            register_trt_plugin(em.plugin_library["path"])  # before deserialising
         engine = ptrt.EngineFromPath(str(edir / em.stages[name].file))
-        if plugins:
-            engine = ptrt.LoadPlugins(plugins=plugins, obj=engine)
         runners = [OnnxrtRunner(SessionFromOnnx(str(manifest.stage_path(name)))),
                    ptrt.TrtRunner(engine)]
         results = Comparator.run(runners, data_loader=[feed])

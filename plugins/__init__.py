@@ -1,1 +1,337 @@
-"""plugins."""
+"""dvis-trt's MSDeformAttn plugin: finding, building and calling its native libraries.
+
+Three shared libraries are built from the C++/CUDA sources in this folder (``CMakeLists.txt``):
+
+=========  ====================  ==========================================================================
+kind       file (Linux)          what
+=========  ====================  ==========================================================================
+``cpu``    libdvis_msda_cpu.so   CPU twin (fp32), the ONNX Runtime custom op behind ``--msda plugin`` bundles
+``cuda``   libdvis_msda_cuda.so  the CUDA kernel with a C entry point (benchmarks, tests)
+``trt``    libdvis_msda_trt.so   the TensorRT IPluginV3 plugin ``DvisMSDeformAttn`` version ``1``
+=========  ====================  ==========================================================================
+
+:func:`find_library` looks, in this order, in every folder of ``$DVIS_TRT_PLUGIN_DIR``
+(``os.pathsep``-separated), in this package's folder, in ``<repo>/build/plugins`` (a source checkout
+built with ``cmake -S . -B build``) and in the user cache folder that :func:`build` writes to
+(``$DVIS_TRT_CACHE_DIR`` or ``$XDG_CACHE_HOME/dvis_trt`` or ``~/.cache/dvis_trt``, then
+``plugins/<source hash>``). :func:`build` runs CMake; ``dvis-trt build-plugins`` is its command line.
+
+:func:`register_trt_plugin` registers the TensorRT plugin (``IPluginRegistry.load_library``); call it before
+parsing or deserialising. :mod:`dvis_trt.plugins.ort_op` wires the CPU twin into ONNX Runtime and
+:mod:`dvis_trt.plugins.cpu_twin` calls it on numpy arrays. Nothing here imports torch, tensorrt or onnxruntime
+at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from dvis_trt.runtime.errors import DependencyError, InputError
+
+__all__ = [
+    "PLUGIN_NAME", "PLUGIN_VERSION", "PLUGIN_NAMESPACE", "ONNX_DOMAIN", "ONNX_OP_TYPE", "ABI_VERSION", "KINDS",
+    "BuildResult", "library_filename", "source_dir", "source_hash", "cache_dir", "repo_build_dir", "search_dirs",
+    "find_library", "require_library", "build", "ensure_library", "msda_forward_cpu", "register_trt_plugin",
+]
+
+#: TensorRT plugin name / version / default namespace (``IPluginCreatorV3One``); also the ONNX node's
+#: ``plugin_version`` / ``plugin_namespace`` attributes.
+PLUGIN_NAME = "DvisMSDeformAttn"
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = ""
+#: The ONNX node that carries the op: ``dvis_trt::DvisMSDeformAttn``.
+ONNX_DOMAIN = "dvis_trt"
+ONNX_OP_TYPE = PLUGIN_NAME
+#: Must equal DVIS_MSDA_ABI_VERSION in include/dvis_msda/msda_api.h.
+ABI_VERSION = 1
+#: kind -> CMake target (library base name).
+KINDS = {"cpu": "dvis_msda_cpu", "cuda": "dvis_msda_cuda", "trt": "dvis_msda_trt"}
+
+_SOURCE_GLOBS = ("CMakeLists.txt", "include/**/*.h", "src/*.cpp", "src/*.cu", "src/*.h", "tests/*.cpp")
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown plugin library kind {kind!r}; expected one of {sorted(KINDS)}")
+    return KINDS[kind]
+
+
+def library_filename(kind: str) -> str:
+    """File name of a plugin library on this platform, e.g. ``libdvis_msda_cpu.so`` for ``kind="cpu"``.
+
+    Raises ValueError for a kind other than "cpu", "cuda", "trt".
+    """
+    base = _check_kind(kind)
+    if sys.platform == "win32":
+        return f"{base}.dll"
+    if sys.platform == "darwin":
+        return f"lib{base}.dylib"
+    return f"lib{base}.so"
+
+
+def source_dir() -> Path:
+    """Folder holding the plugin's ``CMakeLists.txt`` and sources (this package's folder)."""
+    return Path(__file__).resolve().parent
+
+
+def source_hash() -> str:
+    """16 hex digits identifying the plugin sources (names of the user-cache build folders)."""
+    h = hashlib.sha256()
+    root = source_dir()
+    files = sorted({p for g in _SOURCE_GLOBS for p in root.glob(g) if p.is_file()})
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """User cache folder for plugin builds of the current sources: ``<cache>/dvis_trt/plugins/<source hash>``."""
+    base = os.environ.get("DVIS_TRT_CACHE_DIR")
+    if base:
+        root = Path(base).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dvis_trt"
+    return root / "plugins" / source_hash()
+
+
+def repo_build_dir() -> Path | None:
+    """``<repo>/build/plugins`` when this package runs from a source checkout, else None."""
+    repo = source_dir().parent
+    if (repo / "pyproject.toml").is_file() and (repo / "CMakeLists.txt").is_file():
+        return repo / "build" / "plugins"
+    return None
+
+
+def search_dirs() -> list[Path]:
+    """Folders :func:`find_library` searches, in order (see the module docstring)."""
+    dirs: list[Path] = []
+    env = os.environ.get("DVIS_TRT_PLUGIN_DIR", "")
+    dirs += [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    dirs.append(source_dir())
+    repo = repo_build_dir()
+    if repo is not None:
+        dirs.append(repo)
+    dirs.append(cache_dir())
+    return dirs
+
+
+def find_library(kind: str) -> Path | None:
+    """Path of the ``kind`` library ("cpu", "cuda" or "trt") in the first search folder that has it, else None.
+
+    Raises ValueError for an unknown kind.
+    """
+    name = library_filename(kind)
+    for d in search_dirs():
+        p = d / name
+        if p.is_file():
+            return p
+    return None
+
+
+def require_library(kind: str) -> Path:
+    """Like :func:`find_library` but raises :class:`DependencyError` (with what to do) when not found."""
+    p = find_library(kind)
+    if p is None:
+        what = {"cpu": "", "cuda": " (needs nvcc)", "trt": " (needs nvcc and TensorRT headers)"}[kind]
+        raise DependencyError(
+            f"plugin library {library_filename(kind)} not found in {', '.join(str(d) for d in search_dirs())}; "
+            f"build it with `dvis-trt build-plugins`{what} or point DVIS_TRT_PLUGIN_DIR at a folder holding it"
+        )
+    return p
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """Outcome of :func:`build`.
+
+    build_dir: the CMake build folder; libraries: kind -> path for each library that was built;
+    summary: CMake's "what was and wasn't built" lines; log: the full configure + build output.
+    """
+
+    build_dir: Path
+    libraries: dict
+    summary: str
+    log: str
+
+
+def _find_cxx() -> str | None:
+    for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # non-POSIX: no lock
+            pass
+        yield
+
+
+def _first_error(output: str) -> str:
+    """The first CMake / compiler error of a build log, as one line."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if "CMake Error" in line or " error:" in line or line.startswith("error"):
+            block = [line.strip()]
+            for nxt in lines[i + 1:i + 8]:
+                if not nxt.strip():
+                    if len(block) > 1:
+                        break
+                    continue
+                block.append(nxt.strip())
+            return " ".join(block)
+    tail = [ln.strip() for ln in lines if ln.strip()]
+    return tail[-1] if tail else "no output"
+
+
+def build(
+    build_dir: str | os.PathLike | None = None,
+    *,
+    cuda: str = "auto",
+    trt: str = "auto",
+    cuda_archs: str | None = None,
+    tensorrt_root: str | os.PathLike | None = None,
+    tensorrt_include_dir: str | os.PathLike | None = None,
+    jobs: int | None = None,
+    targets: list | None = None,
+    verbose: bool = False,
+) -> BuildResult:
+    """Configure and build the plugin libraries with CMake.
+
+    build_dir: CMake build folder (default :func:`cache_dir`); cuda / trt: "auto", "on" or "off"
+    (CMake options DVIS_BUILD_CUDA / DVIS_BUILD_TRT); cuda_archs: e.g. "90" or "80-real;90" (default: the
+    CMake default, sm_80/86/87/89/90); tensorrt_root / tensorrt_include_dir: where NvInfer.h lives (default:
+    the TENSORRT_ROOT / TensorRT_INCLUDE_DIR environment variables); jobs: parallel build jobs (default:
+    CPU count); targets: CMake targets to build (default: all); verbose: stream the tool output.
+    Returns a :class:`BuildResult`. Raises :class:`DependencyError` when cmake or a C++ compiler is missing or
+    the build fails (with the tail of the log), :class:`InputError` for a bad option value.
+    """
+    opts = {}
+    for name, val in (("cuda", cuda), ("trt", trt)):
+        v = str(val).lower()
+        if v not in ("auto", "on", "off"):
+            raise InputError(f"--{name} must be auto, on or off, not {val!r}")
+        opts[name] = v.upper()
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise DependencyError("cmake not found on PATH: install it (e.g. `pip install cmake` or apt-get install cmake)")
+    if _find_cxx() is None:
+        raise DependencyError("no C++ compiler found (c++, g++ or clang++ on PATH, or set CXX)")
+    bdir = Path(build_dir).expanduser() if build_dir is not None else cache_dir()
+    bdir.mkdir(parents=True, exist_ok=True)
+    args = [cmake, "-S", str(source_dir()), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release",
+            f"-DDVIS_BUILD_CUDA={opts['cuda']}", f"-DDVIS_BUILD_TRT={opts['trt']}"]
+    if cuda_archs:
+        args.append(f"-DDVIS_CUDA_ARCHS={cuda_archs}")
+    if tensorrt_root:
+        args.append(f"-DTENSORRT_ROOT={Path(tensorrt_root).expanduser()}")
+    if tensorrt_include_dir:
+        args.append(f"-DTensorRT_INCLUDE_DIR={Path(tensorrt_include_dir).expanduser()}")
+    build_args = [cmake, "--build", str(bdir), "--parallel", str(jobs or os.cpu_count() or 1)]
+    for t in targets or []:
+        build_args += ["--target", str(t)]
+    log = []
+    with _locked(bdir / ".dvis_build.lock"):
+        for cmd in (args, build_args):
+            proc = subprocess.run(cmd, stdout=None if verbose else subprocess.PIPE,
+                                  stderr=subprocess.STDOUT if not verbose else None, text=True)
+            out = proc.stdout or ""
+            log.append("$ " + " ".join(cmd) + "\n" + out)
+            if proc.returncode != 0:
+                log_file = bdir / "dvis_build.log"
+                log_file.write_text("\n".join(log))
+                raise DependencyError(
+                    f"plugin build failed in {bdir}: {_first_error(out)} (full log: {log_file})"
+                )
+    summary_file = bdir / "dvis_msda_build.txt"
+    summary = summary_file.read_text() if summary_file.is_file() else ""
+    libs = {k: bdir / library_filename(k) for k in KINDS if (bdir / library_filename(k)).is_file()}
+    return BuildResult(build_dir=bdir, libraries=libs, summary=summary, log="\n".join(log))
+
+
+def ensure_library(kind: str = "cpu") -> Path:
+    """Path of the ``kind`` library, building it into :func:`cache_dir` first when it is nowhere to be found.
+
+    For "cpu" only the CPU twin is built (seconds). Raises :class:`DependencyError` when it cannot be found
+    nor built (no cmake / compiler, or for "cuda"/"trt" no nvcc / TensorRT headers).
+    """
+    p = find_library(kind)
+    if p is not None:
+        return p
+    if kind == "cpu":
+        res = build(cuda="off", trt="off", targets=[KINDS["cpu"]])
+    else:
+        res = build()
+    if kind in res.libraries:
+        return res.libraries[kind]
+    return require_library(kind)
+
+
+def msda_forward_cpu(*args, **kwargs):
+    """Run the CPU twin on numpy arrays; see :func:`dvis_trt.plugins.cpu_twin.msda_forward_cpu`."""
+    from dvis_trt.plugins.cpu_twin import msda_forward_cpu as _fwd
+
+    return _fwd(*args, **kwargs)
+
+
+_trt_handles: dict = {}
+
+
+def register_trt_plugin(library: str | os.PathLike | None = None, registry=None, namespace: str | None = None) -> Path:
+    """Register the ``DvisMSDeformAttn`` TensorRT plugin, once per process and registry.
+
+    Call before parsing an ONNX graph that holds the node and before deserialising an engine built with it.
+    library: the plugin library (default :func:`require_library` ("trt")); registry: a ``tensorrt.IPluginRegistry``
+    (default ``tensorrt.get_plugin_registry()``, the process-wide one); namespace: plugin namespace to use
+    (default ``$DVIS_TRT_PLUGIN_NAMESPACE`` or ""; fixed at the library's first registration).
+    Uses ``registry.load_library`` (the library's getCreators entry point). Returns the library path.
+    Raises :class:`DependencyError` without tensorrt or the library, or when TensorRT refuses it.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise DependencyError("registering the TensorRT plugin needs the tensorrt Python package") from e
+    path = Path(library).expanduser().resolve() if library is not None else require_library("trt").resolve()
+    if not path.is_file():
+        raise DependencyError(f"TensorRT plugin library {path} does not exist; run `dvis-trt build-plugins`")
+    reg = registry if registry is not None else trt.get_plugin_registry()
+    key = (str(path), id(reg))
+    if key in _trt_handles:
+        return path
+    lib = ctypes.CDLL(str(path))
+    if namespace is not None:
+        lib.dvis_msda_trt_set_namespace.argtypes = [ctypes.c_char_p]
+        lib.dvis_msda_trt_set_namespace.restype = ctypes.c_int32
+        if lib.dvis_msda_trt_set_namespace(namespace.encode()) != 0:
+            raise DependencyError(f"the TensorRT plugin in {path} is already registered under another namespace "
+                                  f"than {namespace!r} in this process")
+    lib.dvis_msda_trt_plugin_info.restype = ctypes.c_char_p
+    ns = (lib.dvis_msda_trt_plugin_info().decode().split(" ", 2) + [""])[2]
+    get_creator = getattr(reg, "get_creator", None) or getattr(reg, "get_plugin_creator", None)
+    if get_creator is not None and get_creator(PLUGIN_NAME, PLUGIN_VERSION, ns) is not None:
+        _trt_handles[key] = None  # already there (e.g. DVIS_TRT_PLUGIN_AUTOREGISTER=1)
+        return path
+    handle = reg.load_library(str(path))
+    if handle is None:
+        raise DependencyError(f"TensorRT refused the plugin library {path} (see its log; a creator "
+                              f"{PLUGIN_NAME} v{PLUGIN_VERSION} may already be registered from another library)")
+    _trt_handles[key] = handle
+    return path

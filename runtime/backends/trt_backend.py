@@ -384,7 +384,8 @@ class TrtBackend(Backend):
                                   "run `dvis-trt build-plugins` or pass --plugin-lib")
             plugin_sha = sha256_file(lib)
             check_fresh(em, manifest, machine, plugin_sha)
-            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)  # registers its plugin creators
+            from dvis_trt.plugins import register_trt_plugin
+            register_trt_plugin(lib)  # registry.load_library, before deserialising
         else:
             check_fresh(em, manifest, machine, None)
         trt.init_libnvinfer_plugins(self._logger, "")  # built-in plugins (trt-builtin MSDA)
