@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _activation(name: str):
+def activation_fn(name: str):
+    """``F.relu`` / ``F.gelu`` / ``F.glu`` by name (official ``_get_activation_fn``); ValueError otherwise."""
     if name == "relu":
         return F.relu
     if name == "gelu":
@@ -89,7 +90,7 @@ class SelfAttentionLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
         self.normalize_before = normalize_before
         for p in self.parameters():
             if p.dim() > 1:
@@ -123,7 +124,7 @@ class CrossAttentionLayer(nn.Module):
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
         self.normalize_before = normalize_before
         for p in self.parameters():
             if p.dim() > 1:
@@ -152,7 +153,7 @@ class FFNLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
         self.normalize_before = normalize_before
         for p in self.parameters():
             if p.dim() > 1:

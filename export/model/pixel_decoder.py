@@ -39,19 +39,12 @@ from torch import Tensor, nn
 from .backbone import Conv2d, ShapeSpec, get_norm
 from .msda import MSDeformAttn
 from .position_encoding import PositionEmbeddingSine  # shared with the predictor
+from .layers import activation_fn as _activation
 
 
 # --------------------------------------------------------------------------------------------
 # deformable transformer encoder
 # --------------------------------------------------------------------------------------------
-def _activation(name: str):
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    if name == "glu":
-        return F.glu
-    raise ValueError(f"activation should be relu/gelu/glu, not {name!r}")
 
 
 class MSDeformAttnTransformerEncoderLayer(nn.Module):

@@ -23,16 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import multi_head_attention
+from .layers import activation_fn as _activation
 
 
-def _activation(name: str):
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    if name == "glu":
-        return F.glu
-    raise ValueError(f"SlotCrossAttentionLayer: activation should be relu/gelu/glu, not {name!r}")
 
 
 class SlotAttention(nn.Module):
