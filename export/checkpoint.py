@@ -28,7 +28,6 @@ import copy
 import os
 import pickle
 import re
-import secrets
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -432,20 +431,11 @@ def write_random_checkpoint(model: Union[nn.Module, Callable[[], nn.Module]], pa
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file next to ``path`` (mode 0666 & ~umask), fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """``torch.save`` through :func:`dvis_trt.runtime.results.atomic_output` (temp + rename)."""
+    from dvis_trt.runtime.results import atomic_output
+
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+

@@ -38,11 +38,12 @@ Modes, selected with :func:`msda_mode` (module-level, default ``"eager"``):
 - ``"trt-builtin"``: the same node as TensorRT's built-in ``MultiscaleDeformableAttnPlugin_TRT``
   (``plugin_version="2"``, the IPluginV3 version), for side-by-side runs.
 
-Custom-node contract (both plugin modes), as TensorRT's built-in plugin requires it:
-inputs ``value`` (N,S,M,D) float, ``spatial_shapes`` **int32** (L,2), ``level_start_index``
-**int32** (L,), ``sampling_locations`` (N,Lq,M,L,P,2), ``attention_weights`` (N,Lq,M,L,P); one
-output (N,Lq,M,D) (4-D, like the built-in plugin). The exported graph casts the two index
-tensors from int64 to int32 in front of the node and reshapes the output to (N,Lq,M*D) after it.
+Custom-node contract (both plugin modes), inputs as TensorRT's built-in plugin requires them:
+``value`` (N,S,M,D) float, ``spatial_shapes`` **int32** (L,2), ``level_start_index`` **int32**
+(L,), ``sampling_locations`` (N,Lq,M,L,P,2), ``attention_weights`` (N,Lq,M,L,P) (our plugin also
+accepts int64 indices). Output: ours (N,Lq,M*D) as DESIGN.md says; the built-in one (N,Lq,M,D),
+which the graph reshapes to (N,Lq,M*D) after the node. The exported graph casts the two index
+tensors from int64 to int32 in front of the node, so one graph serves both.
 """
 from __future__ import annotations
 
@@ -177,7 +178,10 @@ def ms_deform_attn_onnx(value: Tensor, spatial_shapes: Tensor, level_start_index
 # plugin paths: one custom node in the exported graph
 # --------------------------------------------------------------------------------------------
 def _plugin_symbolic(g, op: str, version: str, value, spatial_shapes, level_start_index,
-                     sampling_locations, attention_weights):
+                     sampling_locations, attention_weights, flat_heads: bool = False):
+    """One custom node. ``flat_heads``: output declared (N, Lq, M*D) — our plugin's contract
+    (DESIGN.md); else (N, Lq, M, D) — TensorRT's built-in plugin. The caller reshapes to
+    (N, Lq, M*D) after the node either way."""
     from torch.onnx import symbolic_helper as sym_help
 
     int32 = 6  # onnx.TensorProto.INT32
@@ -188,7 +192,12 @@ def _plugin_symbolic(g, op: str, version: str, value, spatial_shapes, level_star
     v_sizes = sym_help._get_tensor_sizes(value)
     l_sizes = sym_help._get_tensor_sizes(sampling_locations)
     if v_sizes is not None and l_sizes is not None and len(v_sizes) == 4 and len(l_sizes) >= 2:
-        out.setType(value.type().with_sizes([v_sizes[0], l_sizes[1], v_sizes[2], v_sizes[3]]))
+        if flat_heads:
+            md = v_sizes[2] * v_sizes[3] if v_sizes[2] is not None and v_sizes[3] is not None \
+                else None
+            out.setType(value.type().with_sizes([v_sizes[0], l_sizes[1], md]))
+        else:
+            out.setType(value.type().with_sizes([v_sizes[0], l_sizes[1], v_sizes[2], v_sizes[3]]))
     else:
         out.setType(value.type())
     return out
@@ -208,18 +217,20 @@ def _plugin_eager(value: Tensor, spatial_shapes: Tensor, sampling_locations: Ten
 
 
 class _PluginMSDeformAttn(torch.autograd.Function):
-    """Eager: the reference, returned 4-D (N,Lq,M,D); export: one ``DvisMSDeformAttn`` node."""
+    """Eager: the reference, (N,Lq,M*D); export: one ``DvisMSDeformAttn`` node (3-D output)."""
 
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations,
                 attention_weights):
-        return _plugin_eager(value, spatial_shapes, sampling_locations, attention_weights)
+        return _plugin_eager(value, spatial_shapes, sampling_locations,
+                             attention_weights).flatten(2)
 
     @staticmethod
     def symbolic(g, value, spatial_shapes, level_start_index, sampling_locations,
                  attention_weights):
         return _plugin_symbolic(g, PLUGIN_OP, PLUGIN_VERSION, value, spatial_shapes,
-                                level_start_index, sampling_locations, attention_weights)
+                                level_start_index, sampling_locations, attention_weights,
+                                flat_heads=True)
 
 
 class _TrtBuiltinMSDeformAttn(torch.autograd.Function):
@@ -290,8 +301,8 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
                                    attention_weights)
     fn = _PluginMSDeformAttn if mode == "plugin" else _TrtBuiltinMSDeformAttn
     out = fn.apply(value, spatial_shapes, level_start_index, sampling_locations,
-                   attention_weights)  # (N, Lq, M, D)
-    return out.flatten(2)
+                   attention_weights)  # ours (N, Lq, M*D); built-in (N, Lq, M, D)
+    return out.flatten(2) if out.dim() == 4 else out
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""``dvis-trt export``: checkpoint + config -> bundle of per-stage ONNX graphs.
+
+Example::
+
+    dvis-trt export --config-file configs/dvis_daq/ovis/DAQ_Offline_R50.yaml \\
+        --checkpoint DAQ_Offline_R50_OVIS.pth --output bundles/r50_ovis [--msda onnx]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+from dvis_trt.runtime.errors import InputError
+
+__all__ = ["add_arguments", "run", "parse_size"]
+
+
+def parse_size(text: str) -> tuple:
+    """``"480x864"`` -> ``(480, 864)`` (padded height x width). Raises InputError."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text or "")
+    if not m:
+        raise InputError(f"size {text!r} must look like HEIGHTxWIDTH, e.g. 480x864")
+    return int(m.group(1)), int(m.group(2))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dvis-trt export``."""
+    from dvis_trt.runtime.manifest import MSDA_MODES
+
+    parser.add_argument("--config-file", required=True, metavar="CFG.yaml",
+                        help="official DVIS-DAQ offline config (YAML, _BASE_ chains resolved)")
+    parser.add_argument("--checkpoint", required=True, metavar="model.pth",
+                        help="trained weights (official layout; loaded strictly)")
+    parser.add_argument("--output", required=True, metavar="BUNDLE/",
+                        help="bundle folder to write (an existing bundle is replaced atomically)")
+    parser.add_argument("--msda", choices=MSDA_MODES, default="onnx",
+                        help="MSDeformAttn export: 'onnx' pure ONNX (GridSample, runs anywhere), "
+                             "'plugin' our custom node (TensorRT plugin / ORT CPU twin), "
+                             "'trt-builtin' TensorRT's MultiscaleDeformableAttnPlugin_TRT "
+                             "(default: onnx)")
+    parser.add_argument("--opset", type=int, default=17,
+                        help="ONNX opset, 16..20 (default 17)")
+    parser.add_argument("--window", type=int, default=5, metavar="T",
+                        help="frames of the example segmenter input used to trace (T stays "
+                             "dynamic; default 5, the official window)")
+    parser.add_argument("--example-size", default=None, metavar="HxW",
+                        help="padded size of the example images (multiples of 32; default: "
+                             "MIN_SIZE_TEST at 16:9, e.g. 480x864); H and W stay dynamic")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides (detectron2 style), recorded in the manifest")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="allow arbitrary pickled objects in the checkpoint (only for files "
+                             "you trust)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; prints one line per stage and a summary. Returns 0 (errors raise
+    :class:`~dvis_trt.runtime.errors.DvisTrtError`, which the CLI prints as one line)."""
+    from .onnx_export import export_from_checkpoint
+
+    size = parse_size(args.example_size) if args.example_size else None
+    t0 = time.perf_counter()
+    manifest = export_from_checkpoint(
+        args.config_file, args.checkpoint, args.output, msda=args.msda, opset=args.opset,
+        window=args.window, overrides=list(args.opts or []), example_size=size,
+        allow_unsafe_pickle=args.allow_unsafe_pickle, seed=args.seed,
+        progress=lambda line: print(line, flush=True))
+    total = sum((manifest.root / s.file).stat().st_size for s in manifest.stages.values())
+    print(f"done in {time.perf_counter() - t0:.1f} s: {len(manifest.stages)} stages, "
+          f"{total / 1e6:.1f} MB of ONNX in {manifest.root}")
+    return 0

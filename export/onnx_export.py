@@ -1,0 +1,615 @@
+"""Per-stage ONNX export of DVIS-DAQ offline into a bundle folder.
+
+``export_bundle(model, cfg, out_dir)`` writes::
+
+    out_dir/
+      segmenter.onnx tracker_first.onnx tracker_step.onnx refiner.onnx mask_head.onnx
+      constants.npz      # bg_slots (S, C) = tracker.bg_slots.weight,
+                         # seg_query_feat (Q, C) = sem_seg_head.predictor.query_feat.weight
+      manifest.json      # dvis_trt.runtime.manifest schema (format 1)
+
+Each stage graph goes through: the TorchScript exporter (pinned, see :data:`EXPORTER`) with the
+dynamic axes of :data:`dvis_trt.runtime.manifest.STAGE_SPECS` -> Polygraphy constant folding
+(``polygraphy.backend.onnx.fold_constants``, which folds shape sub-graphs too) -> graph I/O
+shapes stamped from the stage spec -> ``onnx.shape_inference`` (strict, type-checked, data
+propagation) -> ``onnx.checker.check_model(full_check=True)`` -> our TensorRT-friendliness
+checks (:func:`check_graph`: no bool graph I/O, no NonZero / ScatterND / Einsum / control
+flow, no data-dependent-shape ops, custom MSDA nodes only in the plugin modes, with their
+``plugin_version`` / ``plugin_namespace`` attributes). Any failure aborts the export.
+
+The bundle is written into a temporary folder next to ``out_dir`` and swapped in at the end
+(:func:`replace_dir`), so a failed or interrupted export never leaves a half bundle, and a
+re-export into an existing bundle replaces it as a whole (TensorRT engines built for the old
+graphs under ``out_dir/engines`` go with it: they no longer match).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import io
+import logging
+import os
+import secrets
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+import dvis_trt
+from dvis_trt.runtime.errors import BundleError, DependencyError, InputError
+from dvis_trt.runtime.manifest import (MANIFEST_NAME, MSDA_MODES, STAGE_NAMES, BundleConfig,
+                                       BundleManifest, ConstantsSpec, StageSpec, TensorSpec,
+                                       stage_specs, write_manifest)
+
+from .model import msda as msda_mod
+from .sample_inputs import SampleDims, sample_images, sample_stage_inputs
+from .stages import build_stages, eager_runner, stage_input_names, stage_output_names
+
+__all__ = ["EXPORTER", "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "FORBIDDEN_OPS",
+           "CONSTANTS_FILE", "ExportError", "export_bundle", "export_from_checkpoint",
+           "export_stage", "check_graph", "example_dims", "bundle_values", "replace_dir",
+           "StageReport"]
+
+log = logging.getLogger(__name__)
+
+#: Exporter per stage, pinned (``torch.onnx.export(..., dynamo=False)``). torch >= 2.9 defaults
+#: to the dynamo (``torch.export``) exporter; we use the TorchScript tracer for every stage
+#: because (1) the ``plugin`` / ``trt-builtin`` MSDA modes emit their custom node through an
+#: ``autograd.Function.symbolic``, which only the TorchScript exporter honours (dynamo would need
+#: an onnxscript translation table per op and version); (2) the ``onnx`` MSDA mode slices the
+#: flattened value tensor at offsets read from ``level_start_index`` / ``spatial_shapes``, which
+#: the tracer records as graph computations, while ``torch.export`` turns them into unbacked
+#: data-dependent symbols and guards; (3) the model code is written and tested against the
+#: tracer (``torch.jit.is_tracing()`` switches the attention to plain ops so no key length is
+#: baked into a Reshape); (4) dynamo exports at opset 18 and down-converts to 17 with the
+#: version converter, one more transformation between the tested graph and the shipped one.
+#: Passing ``dynamo=False`` explicitly means a torch upgrade cannot silently switch exporter.
+EXPORTER: Dict[str, str] = {stage: "torchscript" for stage in STAGE_NAMES}
+#: GridSample (the ``onnx`` MSDA mode) needs opset 16; LayerNormalization is a single op from
+#: 17 on (TensorRT fuses it). The TorchScript exporter stops at 20.
+DEFAULT_OPSET = 17
+MIN_OPSET = 16
+MAX_OPSET = 20
+#: Ops that must not appear in an exported stage: NonZero/ScatterND come from index assignment
+#: (TensorRT builds them badly or not at all), Einsum should be MatMul, control flow and the
+#: other data-dependent-shape ops would make a stage's output shape depend on tensor values.
+FORBIDDEN_OPS = ("NonZero", "ScatterND", "Einsum", "Loop", "If", "Scan", "Unique", "Compress",
+                 "NonMaxSuppression", "TopK")
+CONSTANTS_FILE = "constants.npz"
+#: Tracer warnings known to be harmless: eager-only input checks and ``F.group_norm``'s
+#: training-time batch-size check read shapes into Python bools; they guard nothing in the graph
+#: (the parity tests at several input sizes are the proof).
+_BENIGN_WARNINGS = ("Converting a tensor to a Python boolean",
+                    "legacy TorchScript-based ONNX export",
+                    "The feature will be removed")
+
+
+class ExportError(BundleError):
+    """An exported graph failed a check (checker, shape inference, TensorRT-friendliness)."""
+
+
+@dataclasses.dataclass
+class StageReport:
+    """What :func:`export_stage` did: file, seconds, bytes, node count, op types."""
+
+    stage: str
+    file: str
+    seconds: float
+    bytes: int
+    nodes: int
+    op_types: Tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# config values and example shapes
+# ---------------------------------------------------------------------------------------------
+def bundle_values(cfg: Any) -> Dict[str, Any]:
+    """The manifest ``config`` block: ``inference_values(cfg)`` for a loaded config, or a copy of
+    an already-made mapping of those values (must have ``num_classes``)."""
+    if isinstance(cfg, Mapping) and "num_classes" in cfg:
+        return dict(cfg)
+    from dvis_trt.runtime.config import inference_values
+    return inference_values(cfg)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (int(x) + m - 1) // m * m
+
+
+def example_dims(values: Mapping[str, Any], window: int = 5,
+                 size: Optional[Tuple[int, int]] = None) -> SampleDims:
+    """Sizes of the inputs the stages are traced with (realistic; every dim distinct from the
+    fixed ones where possible so no broadcast is specialised).
+
+    Segmenter: ``window`` frames at ``size`` (padded H, W; default ``min_size_test`` at 16:9,
+    e.g. 480 x 864 for the R50 OVIS config). tracker_step: 7 live tracks. refiner: ``2*window+1``
+    frames, ``N`` instance queries. mask_head: ``refiner_window_size`` frames, ``max_num``
+    queries. Raises InputError for a window < 1 or a bad size.
+    """
+    if int(window) < 1:
+        raise InputError(f"--window must be >= 1 (frames per segmenter call), got {window}")
+    div = max(32, int(values.get("size_divisibility", 32)))
+    if size is None:
+        short = int(values.get("min_size_test", 480))
+        size = (_round_up(short, div), _round_up(int(short * 16 / 9 + 0.5), div))
+    h, w = (int(size[0]), int(size[1]))
+    if h < 32 or w < 32 or h % 32 or w % 32:
+        raise InputError(f"example size {h}x{w} must be positive multiples of 32 (padded input)")
+    n = int(values["num_new_ins"])
+    t = max(1, min(int(values.get("refiner_window_size", 3)), 2 * window + 1))
+    return SampleDims(frames=int(window), height=h, width=w, tracks=7,
+                      refiner_frames=2 * int(window) + 1, refiner_queries=n, mask_frames=t,
+                      mask_queries=max(1, min(int(values.get("max_num", 20)), n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# graph checks
+# ---------------------------------------------------------------------------------------------
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64",
+                onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
+                onnx.TensorProto.UINT8: "uint8"}
+
+
+def _walk_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _walk_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _walk_nodes(g)
+
+
+def _value_shape(vi: onnx.ValueInfoProto) -> List[Union[int, str, None]]:
+    out: List[Union[int, str, None]] = []
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def check_graph(model: onnx.ModelProto, stage: str, inputs: Sequence[TensorSpec],
+                outputs: Sequence[TensorSpec], msda: str) -> None:
+    """TensorRT-friendliness and contract checks of one exported stage graph.
+
+    Checks: graph input / output names, order, dtypes and ranks equal the stage spec; no bool
+    graph I/O; none of :data:`FORBIDDEN_OPS` anywhere (subgraphs included); custom-domain nodes
+    only in the plugin modes, and then exactly the MSDA node of the mode with string attributes
+    ``plugin_version`` / ``plugin_namespace``.
+
+    Raises:
+        ExportError: one line naming the stage and what is wrong.
+    """
+    for kind, got, want in (("input", model.graph.input, inputs),
+                            ("output", model.graph.output, outputs)):
+        got_names = [v.name for v in got]
+        want_names = [t.name for t in want]
+        if got_names != want_names:
+            raise ExportError(f"stage '{stage}': graph {kind}s {got_names} are not the "
+                              f"expected {want_names}")
+        for vi, spec in zip(got, want):
+            dtype = _ONNX_DTYPES.get(vi.type.tensor_type.elem_type, str(vi.type.tensor_type.elem_type))
+            if dtype == "bool":
+                raise ExportError(f"stage '{stage}': graph {kind} '{vi.name}' is a bool tensor; "
+                                  "TensorRT bindings must not be bool")
+            if dtype != spec.dtype:
+                raise ExportError(f"stage '{stage}': graph {kind} '{vi.name}' is {dtype}, the "
+                                  f"stage contract says {spec.dtype}")
+            if len(_value_shape(vi)) != len(spec.shape):
+                raise ExportError(f"stage '{stage}': graph {kind} '{vi.name}' has shape "
+                                  f"{_value_shape(vi)}, expected rank {len(spec.shape)} "
+                                  f"{list(spec.shape)}")
+    allowed_custom = set()
+    if msda == "plugin":
+        allowed_custom = {msda_mod.PLUGIN_OP}
+    elif msda == "trt-builtin":
+        allowed_custom = {msda_mod.TRT_BUILTIN_OP}
+    for node in _walk_nodes(model.graph):
+        if node.domain in ("", "ai.onnx"):
+            if node.op_type in FORBIDDEN_OPS:
+                raise ExportError(f"stage '{stage}': node '{node.name}' is {node.op_type}, which "
+                                  "TensorRT builds badly or which makes shapes data-dependent; "
+                                  "fix the model code (torch.where instead of index assignment, "
+                                  "matmul instead of einsum)")
+            continue
+        if node.op_type not in allowed_custom or node.domain != msda_mod.PLUGIN_DOMAIN:
+            raise ExportError(f"stage '{stage}': unexpected custom node {node.domain}::"
+                              f"{node.op_type} in an --msda {msda} export")
+        attrs = {a.name: a for a in node.attribute}
+        for name in ("plugin_version", "plugin_namespace"):
+            a = attrs.get(name)
+            if a is None or a.type != onnx.AttributeProto.STRING:
+                raise ExportError(f"stage '{stage}': custom node '{node.name}' lacks the string "
+                                  f"attribute {name} the TensorRT ONNX parser reads")
+
+
+def _stamp_io_shapes(model: onnx.ModelProto, inputs: Sequence[TensorSpec],
+                     outputs: Sequence[TensorSpec]) -> None:
+    """Write the spec's dims into the graph I/O (ints as dim_value, symbols as dim_param)."""
+    for vis, specs in ((model.graph.input, inputs), (model.graph.output, outputs)):
+        by_name = {t.name: t for t in specs}
+        for vi in vis:
+            spec = by_name.get(vi.name)
+            if spec is None:
+                continue
+            shape = vi.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in spec.shape:
+                dim = shape.dim.add()
+                if isinstance(d, int):
+                    dim.dim_value = d
+                else:
+                    dim.dim_param = str(d)
+
+
+@contextlib.contextmanager
+def _quiet_polygraphy():
+    try:
+        from polygraphy.logger import G_LOGGER
+    except ImportError as exc:  # pragma: no cover - a hard dependency of the export extra
+        raise DependencyError("constant folding needs Polygraphy: pip install polygraphy "
+                              "onnx-graphsurgeon") from exc
+    old_colors = getattr(G_LOGGER, "colors", None)
+    try:
+        G_LOGGER.colors = False
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            yield
+    finally:
+        if old_colors is not None:
+            G_LOGGER.colors = old_colors
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Polygraphy constant folding (shape sub-graphs included), ONNX shape inference only
+    (ONNX Runtime's symbolic shape inference writes temp files into the working directory).
+
+    Raises DependencyError without polygraphy / onnx-graphsurgeon, ExportError if folding fails.
+    """
+    try:
+        import onnx_graphsurgeon  # noqa: F401  (polygraphy imports it lazily; fail clearly here)
+        from polygraphy.backend.onnx import fold_constants as pg_fold
+    except ImportError as exc:
+        raise DependencyError("constant folding needs Polygraphy and ONNX GraphSurgeon: pip "
+                              "install polygraphy onnx-graphsurgeon") from exc
+    with _quiet_polygraphy():
+        try:
+            return pg_fold(model, num_passes=None, do_shape_inference=True, fold_shapes=True,
+                           partitioning=None, error_ok=False,
+                           allow_onnxruntime_shape_inference=False)
+        except Exception as exc:
+            raise ExportError(f"constant folding failed: {str(exc).splitlines()[0][:300]}") \
+                from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# one stage
+# ---------------------------------------------------------------------------------------------
+def _dynamic_axes(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> Dict[str, Dict[int, str]]:
+    axes = {}
+    for t in list(inputs) + list(outputs):
+        d = {i: str(s) for i, s in enumerate(t.shape) if isinstance(s, str)}
+        if d:
+            axes[t.name] = d
+    return axes
+
+
+def export_stage(module: nn.Module, stage: str, example: Mapping[str, np.ndarray],
+                 path: Union[str, os.PathLike], *, inputs: Sequence[TensorSpec],
+                 outputs: Sequence[TensorSpec], msda: str = "onnx",
+                 opset: int = DEFAULT_OPSET, fold: bool = True) -> StageReport:
+    """Export one stage module to ``path`` and check it (see the module docstring).
+
+    Args:
+        module: a :func:`build_stages` module (eval mode).
+        stage: stage name (selects the names / dynamic axes).
+        example: stage input name -> numpy array used to trace.
+        inputs / outputs: the stage's TensorSpecs with the config's numbers filled in
+            (:func:`dvis_trt.runtime.manifest.stage_specs`); string dims become dynamic axes.
+        msda: ``onnx`` | ``plugin`` | ``trt-builtin``.
+        opset: ONNX opset (``MIN_OPSET``..``MAX_OPSET``).
+        fold: run Polygraphy constant folding.
+    Returns:
+        :class:`StageReport`.
+    Raises:
+        ExportError: the exporter, checker, shape inference or :func:`check_graph` failed.
+    """
+    if msda not in MSDA_MODES:
+        raise InputError(f"--msda must be one of {', '.join(MSDA_MODES)}, got {msda!r}")
+    if EXPORTER[stage] != "torchscript":  # pragma: no cover - pinned above
+        raise ExportError(f"stage '{stage}': exporter {EXPORTER[stage]!r} is not supported")
+    t0 = time.perf_counter()
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[n]))
+                 for n in stage_input_names(stage))
+    buf = io.BytesIO()
+    kwargs: Dict[str, Any] = {}
+    if msda in ("plugin", "trt-builtin") and \
+            any(isinstance(m, msda_mod.MSDeformAttn) for m in module.modules()):
+        kwargs["custom_opsets"] = dict(msda_mod.MSDA_CUSTOM_OPSETS)
+    with msda_mod.msda_mode(msda), torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.onnx.export(
+                module, args, buf,
+                dynamo=False,  # pinned: TorchScript exporter, see EXPORTER
+                opset_version=int(opset),
+                input_names=list(stage_input_names(stage)),
+                output_names=list(stage_output_names(stage)),
+                dynamic_axes=_dynamic_axes(inputs, outputs),
+                do_constant_folding=True,
+                export_params=True,
+                keep_initializers_as_inputs=False,
+                training=torch.onnx.TrainingMode.EVAL,
+                **kwargs)
+        except Exception as exc:
+            raise ExportError(f"stage '{stage}': torch.onnx.export failed: "
+                              f"{str(exc).splitlines()[0][:300]}") from exc
+    for w in caught:
+        msg = str(w.message)
+        level = logging.DEBUG if any(s in msg for s in _BENIGN_WARNINGS) else logging.WARNING
+        log.log(level, "stage %s export: %s: %s", stage, w.category.__name__, msg.splitlines()[0])
+    model = onnx.load_from_string(buf.getvalue())
+    del buf
+    if fold:
+        model = fold_constants(model)
+    _stamp_io_shapes(model, inputs, outputs)
+    model.producer_name = "dvis_trt"
+    model.producer_version = dvis_trt.__version__
+    model.doc_string = (f"dvis-trt stage '{stage}' (DVIS-DAQ offline), msda={msda}, "
+                        f"exporter={EXPORTER[stage]} (torch {torch.__version__})")
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
+                                                  data_prop=True)
+    except Exception as exc:
+        raise ExportError(f"stage '{stage}': ONNX shape inference failed: "
+                          f"{str(exc).splitlines()[0][:300]}") from exc
+    check_graph(model, stage, inputs, outputs, msda)
+    path = Path(path)
+    onnx.save_model(model, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"stage '{stage}': onnx.checker failed: "
+                          f"{str(exc).splitlines()[0][:300]}") from exc
+    ops = tuple(sorted({f"{n.domain}::{n.op_type}" if n.domain else n.op_type
+                        for n in _walk_nodes(model.graph)}))
+    return StageReport(stage, path.name, time.perf_counter() - t0, path.stat().st_size,
+                       len(model.graph.node), ops)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic folder replace
+# ---------------------------------------------------------------------------------------------
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2({a}, {b}) failed: {os.strerror(err)}")
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Put folder ``new`` at ``dest``, replacing an existing bundle there as a whole.
+
+    On Linux the swap is one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere ``dest`` is
+    renamed aside, ``new`` renamed in (the old one is restored if that fails). The old bundle is
+    deleted afterwards. ``new`` and ``dest`` must be on the same file system (callers create
+    ``new`` next to ``dest``).
+
+    Raises:
+        InputError: ``dest`` exists and is a file, or a non-empty folder that is not a bundle
+            (no ``manifest.json``): we never delete what we did not write.
+    """
+    new, dest = Path(new), Path(dest)
+    if dest.exists() or dest.is_symlink():
+        if not dest.is_dir() or dest.is_symlink():
+            raise InputError(f"output {dest} exists and is not a folder; choose another --output")
+        if not (dest / MANIFEST_NAME).is_file() and any(dest.iterdir()):
+            raise InputError(f"output folder {dest} is not empty and is not a dvis-trt bundle "
+                             "(no manifest.json); refusing to replace it, choose another --output")
+        if _exchange(new, dest):
+            shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old bundle
+            return
+        old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
+        os.rename(dest, old)
+        try:
+            os.rename(new, dest)
+        except BaseException:
+            os.rename(old, dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole bundle
+# ---------------------------------------------------------------------------------------------
+def _producer(opset: int, reports: Mapping[str, StageReport], dims: SampleDims,
+              msda: str, overrides: Sequence[str]) -> Dict[str, Any]:
+    import onnxruntime  # noqa: PLC0415 - a runtime dependency; version only
+    out: Dict[str, Any] = {
+        "dvis_trt": dvis_trt.__version__, "torch": torch.__version__,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": int(opset),
+        "exporter": {s: EXPORTER[s] for s in reports},
+        "example_dims": dataclasses.asdict(dims),
+        # config.source + these overrides rebuild the eager model (dvis-trt check, torch backend)
+        "config_overrides": [str(o) for o in overrides],
+    }
+    try:
+        import polygraphy
+        out["polygraphy"] = polygraphy.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if msda in ("plugin", "trt-builtin"):
+        out["msda_node"] = {"domain": msda_mod.PLUGIN_DOMAIN,
+                            "op_type": msda_mod.PLUGIN_OP if msda == "plugin"
+                            else msda_mod.TRT_BUILTIN_OP,
+                            "plugin_version": msda_mod.PLUGIN_VERSION if msda == "plugin"
+                            else msda_mod.TRT_BUILTIN_VERSION}
+    return out
+
+
+def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], msda: str = "onnx",
+                  opset: int = DEFAULT_OPSET, window: int = 5, *,
+                  example_size: Optional[Tuple[int, int]] = None,
+                  stages: Optional[Iterable[str]] = None, fold: bool = True, seed: int = 0,
+                  config_overrides: Sequence[str] = (),
+                  progress: Optional[Callable[[str], None]] = None) -> BundleManifest:
+    """Export ``model`` (a :class:`DvisDaqOffline` with weights loaded) to the bundle ``out_dir``.
+
+    Args:
+        model: the eager model (``build_model(cfg)`` + ``load_checkpoint``); put in eval mode.
+        cfg: the loaded config (:func:`dvis_trt.runtime.config.load_config`) or the mapping of
+            :func:`~dvis_trt.runtime.config.inference_values` (the manifest's ``config``).
+        out_dir: bundle folder; created, or replaced as a whole if it is a bundle already.
+        msda: MSDeformAttn export mode ``onnx`` (GridSample), ``plugin`` (one
+            ``dvis_trt::DvisMSDeformAttn`` node per call) or ``trt-builtin``
+            (``MultiscaleDeformableAttnPlugin_TRT``).
+        opset: ONNX opset, ``MIN_OPSET``..``MAX_OPSET`` (default 17).
+        window: frames of the example segmenter input (``T`` stays dynamic).
+        example_size: (Hp, Wp) of the example images (default: ``min_size_test`` at 16:9).
+        stages: subset of stages to export (default: all five; the runtime needs all).
+        fold: Polygraphy constant folding (default on).
+        seed: seed of the random example inputs.
+        config_overrides: the ``KEY=VALUE`` overrides ``cfg`` was loaded with, recorded in the
+            manifest (``producer.config_overrides``) so ``config.source`` + overrides rebuild
+            the same eager model.
+        progress: called with one line per finished step (e.g. ``print``).
+    Returns:
+        the written :class:`BundleManifest` (``root`` = ``out_dir``).
+    Raises:
+        InputError: bad msda / opset / window / output folder; ExportError: a stage failed its
+        checks; DependencyError: Polygraphy / onnx-graphsurgeon missing.
+    """
+    if msda not in MSDA_MODES:
+        raise InputError(f"--msda must be one of {', '.join(MSDA_MODES)}, got {msda!r}")
+    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
+        raise InputError(f"--opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
+                         f"(GridSample needs 16; the TorchScript exporter stops at {MAX_OPSET})")
+    say = progress or (lambda line: log.info("%s", line))
+    values = bundle_values(cfg)
+    config = BundleConfig.from_dict(values)
+    wanted = tuple(STAGE_NAMES if stages is None else stages)
+    unknown = [s for s in wanted if s not in STAGE_NAMES]
+    if unknown:
+        raise InputError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGE_NAMES)}")
+    dest = Path(out_dir).absolute()
+    if dest.exists() and not dest.is_dir():
+        raise InputError(f"output {dest} exists and is not a folder; choose another --output")
+    if dest.is_dir() and not (dest / MANIFEST_NAME).is_file() and any(dest.iterdir()):
+        raise InputError(f"output folder {dest} is not empty and is not a dvis-trt bundle "
+                         "(no manifest.json); refusing to replace it, choose another --output")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    model.eval()
+    mods = build_stages(model)
+    dims = example_dims(values, window, example_size)
+    specs = stage_specs(**config.dims)
+    arrays = {
+        "bg_slots": model.tracker.bg_slots.weight.detach().cpu().float().numpy(),
+        "seg_query_feat": model.sem_seg_head.predictor.query_feat.weight.detach().cpu()
+        .float().numpy(),
+    }
+    t0 = time.perf_counter()
+    # The chain that makes realistic inputs for the later stages runs the eager segmenter on
+    # at most 2 frames (minutes saved on a full-size model); the segmenter itself is traced
+    # with ``window`` frames.
+    chain = dataclasses.replace(dims, frames=min(dims.frames, 2))
+    with msda_mod.msda_mode("eager"):
+        examples = sample_stage_inputs(eager_runner(mods), chain, arrays,
+                                       num_new_ins=config.num_new_ins, seed=seed)
+    if chain.frames != dims.frames:
+        examples["segmenter"] = {"images": sample_images(dims.frames, dims.height, dims.width,
+                                                         np.random.default_rng(seed))}
+    say(f"example inputs ({dims.frames}x3x{dims.height}x{dims.width} images, tQ={dims.tracks}, "
+        f"L={dims.refiner_frames}) in {time.perf_counter() - t0:.1f} s")
+
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        reports: Dict[str, StageReport] = {}
+        entries: Dict[str, StageSpec] = {}
+        for stage in wanted:
+            ins, outs = specs[stage]
+            rep = export_stage(mods[stage], stage, examples[stage], tmp / f"{stage}.onnx",
+                               inputs=ins, outputs=outs, msda=msda, opset=opset, fold=fold)
+            reports[stage] = rep
+            entries[stage] = StageSpec(stage, rep.file, "0" * 64, tuple(ins), tuple(outs))
+            say(f"{stage}: {rep.bytes / 1e6:.1f} MB, {rep.nodes} nodes, {rep.seconds:.1f} s")
+        with open(tmp / CONSTANTS_FILE, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = BundleManifest(
+            config=config, stages=entries, msda=msda, precision="fp32",
+            producer=_producer(opset, reports, dims, msda, config_overrides),
+            constants=ConstantsSpec(CONSTANTS_FILE, "0" * 64,
+                                    {k: tuple(int(x) for x in v.shape) for k, v in arrays.items()}))
+        write_manifest(tmp, manifest, hash_files=True)
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from dvis_trt.runtime.manifest import load_manifest
+    written = load_manifest(dest, verify=False, require_stages=wanted)
+    say(f"bundle written to {dest} ({len(wanted)} stages, msda={msda}, opset {opset}) in "
+        f"{time.perf_counter() - t0:.1f} s")
+    return written
+
+
+def export_from_checkpoint(config_file: Union[str, os.PathLike],
+                           checkpoint: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
+                           *, msda: str = "onnx", opset: int = DEFAULT_OPSET, window: int = 5,
+                           overrides: Optional[Sequence[str]] = None,
+                           example_size: Optional[Tuple[int, int]] = None,
+                           allow_unsafe_pickle: bool = False, seed: int = 0,
+                           progress: Optional[Callable[[str], None]] = None) -> BundleManifest:
+    """Load the config and the checkpoint (strictly) and :func:`export_bundle` the model.
+
+    Raises:
+        InputError: bad config / options; CheckpointError: keys or shapes that do not match the
+        config (listed); ExportError / DependencyError as :func:`export_bundle`.
+    """
+    from dvis_trt.runtime.config import load_config
+
+    from .checkpoint import load_checkpoint
+    from .model.build import build_model
+
+    cfg = load_config(config_file, overrides)
+    model = build_model(cfg)
+    load_checkpoint(model, checkpoint, strict=True, config_name=os.fspath(config_file),
+                    allow_unsafe_pickle=allow_unsafe_pickle)
+    return export_bundle(model, cfg, out_dir, msda=msda, opset=opset, window=window,
+                         example_size=example_size, seed=seed,
+                         config_overrides=list(overrides or ()), progress=progress)

@@ -1,0 +1,203 @@
+"""ONNX Runtime backend: runs a bundle's per-stage ONNX graphs (no torch).
+
+Execution providers: CPU by default; CUDA is picked up automatically when the installed
+onnxruntime has it (``onnxruntime-gpu``). TensorRT's execution provider is used only when asked
+for (``providers=("tensorrt", "cuda", "cpu")``): it compiles an engine per stage and input
+shape at session creation (minutes), which a default must not do behind the user's back — the
+TensorRT path of this project is ``dvis-trt build`` + the TensorRT backend.
+
+Bundles exported with ``--msda plugin`` hold ``dvis_trt::DvisMSDeformAttn`` nodes; this backend
+registers the MSDA CPU twin (:mod:`dvis_trt.plugins.ort_op`, onnxruntime-extensions) for them.
+``--msda trt-builtin`` bundles run only in TensorRT.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import BundleError, DependencyError, InputError
+from .base import Backend, check_inputs
+
+__all__ = ["OrtBackend", "PROVIDER_NAMES", "resolve_providers"]
+
+#: Short provider names accepted by :class:`OrtBackend`.
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                  "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise DependencyError("the ONNX Runtime backend needs onnxruntime: pip install "
+                              "onnxruntime (or onnxruntime-gpu)") from exc
+    return ort
+
+
+def resolve_providers(providers: Union[str, Sequence[str], None] = "auto") -> list:
+    """Full ORT provider names for ``providers``.
+
+    ``"auto"`` / ``None``: CUDA (if this onnxruntime has it) then CPU. Otherwise a list (or a
+    comma-separated string) of short names (``cpu``, ``cuda``, ``tensorrt``) or full names, in
+    priority order; CPU is appended when missing (it runs whatever the others cannot).
+    Raises :class:`DependencyError` for a provider this onnxruntime build lacks, and
+    :class:`InputError` for an unknown name.
+    """
+    available = set(_ort().get_available_providers())
+    if providers is None or providers == "auto":
+        out = [p for p in ("CUDAExecutionProvider",) if p in available]
+        return out + ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
+    out = []
+    for p in providers:
+        full = PROVIDER_NAMES.get(p.lower(), p)
+        if full not in PROVIDER_NAMES.values() and not full.endswith("ExecutionProvider"):
+            raise InputError(f"unknown ONNX Runtime provider {p!r}; use "
+                             f"{', '.join(sorted(set(PROVIDER_NAMES)))} or a full provider name")
+        if full not in available:
+            raise DependencyError(f"ONNX Runtime provider {full} is not available in this "
+                                  f"onnxruntime build (available: {', '.join(sorted(available))})"
+                                  "; install onnxruntime-gpu for CUDA/TensorRT")
+        if full not in out:
+            out.append(full)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return out
+
+
+class OrtBackend(Backend):
+    """Runs bundle stages in ONNX Runtime sessions (one per stage).
+
+    Args:
+        providers: ``"auto"`` (CUDA if available, then CPU), or names in priority order (see
+            :func:`resolve_providers`).
+        threads: intra-op threads per session (default: ORT's choice, all cores).
+        optimization: graph optimisation level ``"all"`` (default), ``"extended"``, ``"basic"``
+            or ``"disable"``.
+        plugin_library: not needed normally; a custom-op library path to register in addition
+            (e.g. a locally built one) on every session.
+    """
+
+    name = "ort"
+
+    def __init__(self, providers: Union[str, Sequence[str], None] = "auto", *,
+                 threads: Optional[int] = None, optimization: str = "all",
+                 plugin_library: Optional[Union[str, os.PathLike]] = None):
+        ort = _ort()
+        self.providers = resolve_providers(providers)
+        if threads is not None and int(threads) < 1:
+            raise InputError(f"threads must be >= 1, got {threads}")
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        if optimization not in levels:
+            raise InputError(f"optimization must be one of {', '.join(levels)}, got "
+                             f"{optimization!r}")
+        self.threads = None if threads is None else int(threads)
+        self._level = levels[optimization]
+        self.plugin_library = None if plugin_library is None else os.fspath(plugin_library)
+        self._sessions: Dict[str, "object"] = {}
+        self._specs: Dict[str, object] = {}
+        self._outputs: Dict[str, Tuple[str, ...]] = {}
+
+    # -- loading ---------------------------------------------------------------------------
+    def _session_options(self, msda: str):
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = self._level
+        so.log_severity_level = 3
+        if self.threads is not None:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if msda == "plugin":
+            try:
+                from dvis_trt.plugins.ort_op import session_options
+            except ImportError as exc:
+                raise DependencyError("this bundle was exported with --msda plugin and needs the "
+                                      "MSDA CPU twin (dvis_trt.plugins.ort_op), which cannot be "
+                                      f"imported ({exc}); pip install 'dvis-trt[plugin]' or "
+                                      "re-export with --msda onnx") from exc
+            so = session_options(so)
+        if self.plugin_library is not None:
+            if not os.path.isfile(self.plugin_library):
+                raise DependencyError(f"custom-op library {self.plugin_library} does not exist; "
+                                      "build it with `dvis-trt build-plugins`")
+            so.register_custom_ops_library(self.plugin_library)
+        return so
+
+    def load_stage(self, stage_name: str, manifest) -> None:
+        """Create the ORT session of ``stage_name`` (no-op if loaded).
+
+        Raises :class:`BundleError` (stage missing, unreadable ONNX, ``trt-builtin`` bundle) or
+        :class:`DependencyError` (plugin bundle without the CPU twin).
+        """
+        if stage_name in self._sessions:
+            return
+        spec = manifest.stage(stage_name)
+        if manifest.msda == "trt-builtin":
+            raise BundleError(f"bundle {manifest.root} was exported with --msda trt-builtin "
+                              "(TensorRT's MultiscaleDeformableAttnPlugin_TRT), which ONNX "
+                              "Runtime cannot run; re-export with --msda onnx or plugin")
+        path = manifest.stage_path(stage_name)
+        if not path.is_file():
+            raise BundleError(f"{path} (stage '{stage_name}') is missing; re-export the bundle")
+        ort = _ort()
+        so = self._session_options(manifest.msda)
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"ONNX Runtime cannot load {path} (stage '{stage_name}'): {first}"
+                              ) from exc
+        got_in = [i.name for i in sess.get_inputs()]
+        want_in = [t.name for t in spec.inputs]
+        if sorted(got_in) != sorted(want_in):
+            raise BundleError(f"{path}: graph inputs {got_in} do not match the manifest's "
+                              f"{want_in}; re-export the bundle")
+        got_out = [o.name for o in sess.get_outputs()]
+        want_out = [t.name for t in spec.outputs]
+        if sorted(got_out) != sorted(want_out):
+            raise BundleError(f"{path}: graph outputs {got_out} do not match the manifest's "
+                              f"{want_out}; re-export the bundle")
+        self._sessions[stage_name] = sess
+        self._specs[stage_name] = spec
+        self._outputs[stage_name] = tuple(want_out)
+
+    @property
+    def loaded_stages(self) -> Tuple[str, ...]:
+        return tuple(self._sessions)
+
+    @property
+    def active_providers(self) -> Dict[str, list]:
+        """Providers each loaded session actually uses (stage -> list)."""
+        return {k: list(s.get_providers()) for k, s in self._sessions.items()}
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self, stage_name: str, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Run one stage on host arrays (see :meth:`Backend.run`)."""
+        sess = self._sessions.get(stage_name)
+        if sess is None:
+            raise BundleError(f"stage '{stage_name}' is not loaded in the ONNX Runtime backend; "
+                              "call load_stage first")
+        spec = self._specs[stage_name]
+        check_inputs(spec, inputs)
+        feed = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        names = self._outputs[stage_name]
+        try:
+            outs = sess.run(list(names), feed)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            shapes = {k: tuple(v.shape) for k, v in feed.items()}
+            raise InputError(f"stage '{stage_name}' failed in ONNX Runtime with inputs {shapes}: "
+                             f"{first}") from exc
+        return dict(zip(names, outs))
+
+    def close(self) -> None:
+        self._sessions.clear()
+        self._specs.clear()
+        self._outputs.clear()
