@@ -71,6 +71,14 @@ def limits_from_args(args: argparse.Namespace) -> BuildLimits:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from dvis_trt.runtime.errors import DependencyError
+
+    if importlib.util.find_spec("tensorrt") is None:  # say the first thing a user must fix first
+        raise DependencyError("building engines needs TensorRT and an NVIDIA GPU: install TensorRT "
+                              "(pip install tensorrt, or JetPack on Jetson) on the GPU machine; "
+                              "see docs/deploy_gpu.md")
     from .builder import build_engines  # noqa: PLC0415 - imports polygraphy/tensorrt lazily
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     build_engines(args.bundle, limits_from_args(args), workspace_gib=args.workspace,

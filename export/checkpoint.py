@@ -193,6 +193,13 @@ def load_state_dict_file(path: PathLike, *, allow_unsafe_pickle: bool = False
     except CheckpointError:
         raise
     except Exception as err:  # torch/pickle raise many types for damaged files
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+            # neither a zip (torch >= 1.6) nor a pickle stream: torch's weights_only wording
+            # would only mislead
+            raise CheckpointError(f"{path} is not a PyTorch (.pth) or detectron2 (.pkl) "
+                                  "checkpoint (it is neither a zip archive nor a pickle)") from None
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): "
                               f"{_one_line(err)}") from None
 
@@ -255,7 +262,7 @@ def _mismatch_message(report: LoadReport, source: str, expected: str) -> str:
     parts.append(f"{len(mm)} shape-mismatched" + (f" ({shown})" if mm else ""))
     hint = ""
     for k, a, b in mm:
-        if k.endswith("class_embed.weight") and len(a) == 2 and len(b) == 2:
+        if k.endswith("class_embed.weight") and len(a) == 2 and len(b) == 2 and a[0] != b[0]:
             hint = (f"; the checkpoint predicts {a[0] - 1} classes, the config {b[0] - 1}: "
                     "use the config of the dataset it was trained on")
             break
@@ -315,6 +322,11 @@ def load_checkpoint(model: nn.Module, path: Union[PathLike, Mapping[str, torch.T
     if strict and not report.ok:
         expected_from = f"built from {config_name}" if config_name else f"({type(model).__name__})"
         raise CheckpointError(_mismatch_message(report, source, expected_from))
+    bad = [k for k, t in usable.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {source} has NaN/Inf values in {len(bad)} tensor(s) "
+                              f"({', '.join(bad[:_SHOW])}{', ...' if len(bad) > _SHOW else ''}); "
+                              "the training run probably diverged: use an earlier checkpoint")
     result = model.load_state_dict(usable, strict=False)
     leftover = [k for k in result.unexpected_keys]
     if leftover:  # cannot happen: every usable key is a model key

@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dvis-trt: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, read-only folder, permission denied, ...
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"dvis-trt: error: cannot write or read{where}: {exc.strerror or exc} "
+              "(check the path, its permissions and the free disk space)", file=sys.stderr)
+        return 74
     except MemoryError:
         print("dvis-trt: error: out of memory; try a smaller --clip-frames or --window",
               file=sys.stderr)

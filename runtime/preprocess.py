@@ -57,7 +57,7 @@ def resize_frame(rgb: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
 
 def normalize_and_pad(resized: Sequence[np.ndarray], pixel_mean: Sequence[float],
                       pixel_std: Sequence[float], size_divisibility: int,
-                      out: np.ndarray | None = None) -> np.ndarray:
+                      out: np.ndarray | None = None, input_format: str = "RGB") -> np.ndarray:
     """Stack resized uint8 frames into the segmenter's ``images`` input.
 
     Args:
@@ -65,9 +65,16 @@ def normalize_and_pad(resized: Sequence[np.ndarray], pixel_mean: Sequence[float]
         pixel_mean, pixel_std: per-channel (R, G, B) values in 0..255 units.
         size_divisibility: pad bottom/right with zeros to a multiple of this.
         out: optional preallocated float32 (T, 3, Hp, Wp) buffer to fill (reused across windows).
+        input_format: the model's ``INPUT.FORMAT``: ``"RGB"``, or ``"BGR"`` (channels reversed
+            before normalising, as the official demo predictor does for BGR models).
     Returns:
         float32 (T, 3, Hp, Wp): ``(x - mean) / std`` over the image, 0 in the padding.
+    Raises:
+        InputError: frames of different sizes, or an ``input_format`` other than RGB/BGR.
     """
+    if input_format not in ("RGB", "BGR"):
+        raise InputError(f"INPUT.FORMAT {input_format!r} is not supported (RGB or BGR)")
+    channels = slice(None, None, -1) if input_format == "BGR" else slice(None)
     t = len(resized)
     h, w = resized[0].shape[:2]
     hp, wp = padded_shape(h, w, size_divisibility)
@@ -81,14 +88,15 @@ def normalize_and_pad(resized: Sequence[np.ndarray], pixel_mean: Sequence[float]
         if frame.shape[:2] != (h, w):
             raise InputError(f"frame {i} is {frame.shape[1]}x{frame.shape[0]}, "
                              f"expected {w}x{h}: all frames of a video must have one size")
-        chw = frame.transpose(2, 0, 1).astype(np.float32)
+        chw = frame[:, :, channels].transpose(2, 0, 1).astype(np.float32)
         out[i, :, :h, :w] = (chw - mean) / std
     return out
 
 
 def preprocess_frames(frames: Sequence[np.ndarray], min_size_test: int, max_size_test: int,
                       pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                      size_divisibility: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+                      size_divisibility: int, input_format: str = "RGB"
+                      ) -> Tuple[np.ndarray, Tuple[int, int]]:
     """Official demo preprocessing of a list of frames.
 
     Args:
@@ -96,6 +104,7 @@ def preprocess_frames(frames: Sequence[np.ndarray], min_size_test: int, max_size
         min_size_test, max_size_test: ``INPUT.MIN_SIZE_TEST`` / ``INPUT.MAX_SIZE_TEST``.
         pixel_mean, pixel_std: ``MODEL.PIXEL_MEAN`` / ``MODEL.PIXEL_STD`` (RGB order as in config).
         size_divisibility: ``MODEL.MASK_FORMER.SIZE_DIVISIBILITY`` (32 in practice).
+        input_format: ``INPUT.FORMAT`` of the model (frames are always given as RGB).
     Returns:
         (images float32 (T, 3, Hp, Wp), (h, w)) where (h, w) is the resized, unpadded size.
     Raises:
@@ -113,5 +122,6 @@ def preprocess_frames(frames: Sequence[np.ndarray], min_size_test: int, max_size
         if f.shape != f0.shape:
             raise InputError(f"frame {i} has shape {tuple(f.shape)}, frame 0 has {tuple(f0.shape)}")
         resized.append(resize_frame(np.ascontiguousarray(f), new_h, new_w))
-    images = normalize_and_pad(resized, pixel_mean, pixel_std, size_divisibility)
+    images = normalize_and_pad(resized, pixel_mean, pixel_std, size_divisibility,
+                               input_format=input_format)
     return images, (new_h, new_w)

@@ -52,7 +52,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 _REPAIR_HINT = ("re-encode or repair the file (e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p "
-                "OUT.mp4`), or decode it leniently (strict=False) to skip the damaged part")
+                "OUT.mp4`), or decode it leniently (`dvis-trt run --lenient`) to skip the damaged part")
 
 
 def _one_line(text: object) -> str:

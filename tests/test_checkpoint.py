@@ -339,7 +339,7 @@ def test_garbage_empty_and_wrong_content(tmp_path):
     (tmp_path / "e.pth").write_bytes(b"")
     torch.save([1, 2, 3], tmp_path / "l.pth")
     torch.save({"model": {"w": 3}}, tmp_path / "s.pth")
-    for name, pattern in [("g.pth", "cannot read"), ("e.pth", "empty"), ("l.pth", "list"),
+    for name, pattern in [("g.pth", "cannot read|not a PyTorch"), ("e.pth", "empty"), ("l.pth", "list"),
                           ("s.pth", "'w'")]:
         with pytest.raises(CheckpointError, match=pattern) as err:
             load_state_dict_file(tmp_path / name)
@@ -353,3 +353,19 @@ def test_missing_path_is_input_error(tmp_path):
         load_state_dict_file(tmp_path)
     with pytest.raises(InputError):
         load_checkpoint(Tiny(), tmp_path / "nope.pth")
+
+
+def test_nan_weights_are_refused_with_the_key(tmp_path):
+    model = nn.Linear(3, 2)
+    state = model.state_dict()
+    state["weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"NaN/Inf .*\(weight\)"):
+        load_checkpoint(nn.Linear(3, 2), state)
+
+
+def test_text_file_named_pth_is_called_what_it_is(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="neither a zip archive nor a pickle") as err:
+        load_state_dict_file(path)
+    assert "weights_only" not in str(err.value)

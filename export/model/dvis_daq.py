@@ -58,6 +58,7 @@ class InferenceSettings:
     pixel_mean: Sequence[float] = (123.675, 116.28, 103.53)
     pixel_std: Sequence[float] = (58.395, 57.12, 57.375)
     segmenter_window: int = 5  # the official forward hard-codes 5; results do not depend on it
+    input_format: str = "RGB"  # INPUT.FORMAT: the channel order the model was trained on
 
     @classmethod
     def from_values(cls, values: dict) -> "InferenceSettings":
@@ -77,6 +78,7 @@ class InferenceSettings:
             size_divisibility=int(values["size_divisibility"]),
             pixel_mean=tuple(float(v) for v in values["pixel_mean"]),
             pixel_std=tuple(float(v) for v in values["pixel_std"]),
+            input_format=str(values.get("input_format", "RGB")),
         )
 
 
@@ -315,7 +317,8 @@ class DvisDaqOffline(nn.Module):
         s = self.settings
         h0, w0 = frames[0].shape[:2]
         images_np, (h, w) = preprocess_frames(frames, s.min_size_test, s.max_size_test,
-                                              s.pixel_mean, s.pixel_std, s.size_divisibility)
+                                              s.pixel_mean, s.pixel_std, s.size_divisibility,
+                                              s.input_format)
         images = torch.from_numpy(images_np)
         seg = self.run_segmenter(images)
         hub = self.run_tracker(seg)
