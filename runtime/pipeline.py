@@ -206,6 +206,7 @@ class ClipResult:
     rles: List[List[dict]]
     masks: Optional[np.ndarray] = None
     num_tracks: int = 0
+    refiner_ids: Optional[np.ndarray] = None  # ids of all refiner queries, in query order
 
 
 @dataclass
@@ -222,16 +223,26 @@ class VideoResult:
     num_tracks: int = 0
 
 
-def _encode_rle(masks: np.ndarray) -> List[dict]:
-    """(S, H, W) bool -> S RLE dicts with str counts (pycocotools)."""
+def _encode_rle(masks: np.ndarray) -> List[List[dict]]:
+    """(S, t, H, W) bool -> S lists of t RLE dicts with str counts (pycocotools).
+
+    One ``pycocotools.mask.encode`` call for the whole block: pycocotools wants (H, W, n)
+    Fortran-ordered uint8, which is the memory of a C-ordered (n, W, H) array, so the block
+    costs one transpose copy (none when ``masks`` is already a transposed view of such an array)
+    and a zero-copy bool -> uint8 view. Same bytes as the official per-frame
+    ``mask_util.encode(np.array(m[:, :, None], order="F", dtype="uint8"))[0]``.
+    """
     from pycocotools import mask as mask_util
 
-    if masks.shape[0] == 0:
-        return []
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    s, t, h, w = masks.shape
+    if s == 0 or t == 0:
+        return [[] for _ in range(s)]
+    nwh = np.ascontiguousarray(np.asarray(masks, dtype=bool).transpose(0, 1, 3, 2))
+    fortran = nwh.reshape(s * t, w, h).view(np.uint8).transpose(2, 1, 0)   # (H, W, S*t), F order
+    rles = mask_util.encode(fortran)
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
-    return rles
+    return [rles[i * t:(i + 1) * t] for i in range(s)]
 
 
 class OfflinePipeline:
@@ -261,10 +272,10 @@ class OfflinePipeline:
         self.timings: Dict[str, float] = {}
 
     # ---------------------------------------------------------------- helpers
-    def _run(self, stage: str, inputs: Dict[str, np.ndarray], fetch: Sequence[str]):
+    def _run(self, stage: str, inputs: Dict[str, np.ndarray], fetch: Sequence[str], **kw):
         import time
         t0 = time.perf_counter()
-        out = self.backend.run_resident(stage, inputs, fetch=fetch)
+        out = self.backend.run_resident(stage, inputs, fetch=fetch, **kw)
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
         return out
 
@@ -272,10 +283,22 @@ class OfflinePipeline:
         return x if isinstance(x, np.ndarray) else self.backend.to_host(x)
 
     def _frame_of(self, x, j: int):
-        """Frame ``j`` of a (T, ...) stage output (numpy, or a backend handle with ``take``)."""
+        """Frame ``j`` of a (T, ...) stage output: numpy, or a backend handle (the backend's
+        ``take(x, j)`` if it has one, else the handle's ``frame(j)``, e.g. TensorRT's
+        ``DeviceTensor``)."""
         if isinstance(x, np.ndarray):
             return x[j]
-        return self.backend.take(x, j)
+        take = getattr(self.backend, "take", None)
+        return take(x, j) if take is not None else x.frame(j)
+
+    @property
+    def _clip_stores(self) -> bool:
+        """Device-resident backends with clip stores (TensorRT): the segmenter writes each
+        window's ``mask_features`` / ``frame_embeds`` at its frame offset in a per-clip store
+        (``begin_clip(num_frames, Hp, Wp)`` once per clip, ``run_resident(..., frame_offset=)``),
+        so the handles of earlier windows stay valid until the clip's masks are made."""
+        return bool(getattr(self.backend, "device_resident", False)) and \
+            callable(getattr(self.backend, "begin_clip", None))
 
     # ---------------------------------------------------------------- per frame
     def _track_frame(self, hub: TrackHub, frame: int, frame_embeds: np.ndarray,
@@ -310,21 +333,28 @@ class OfflinePipeline:
 
     # ---------------------------------------------------------------- per clip
     def process_clip(self, frames: Sequence[np.ndarray], hub: TrackHub, clip_start: int = 0,
-                     clip_index: int = 0) -> Tuple[ClipResult, Tuple[int, int]]:
+                     clip_index: int = 0, on_frames: Optional[Callable[[int], None]] = None
+                     ) -> Tuple[ClipResult, Tuple[int, int]]:
         """Run one clip of RGB uint8 frames (H, W, 3) through all stages.
 
-        Returns the clip's instances and the resized image size (h, w)."""
+        ``on_frames(n)`` is called after each segmenter window has been tracked, with the
+        window's frame count (progress bars). Returns the clip's instances and the resized
+        image size (h, w)."""
         s = self.s
         h0, w0 = frames[0].shape[:2]
         h, w = resize_shortest_edge_shape(h0, w0, s.min_size_test, s.max_size_test)
         hp, wp = padded_shape(h, w, s.size_divisibility)
         t_len = len(frames)
         frame_embeds, seg_logits, mf_windows = [], [], []
+        stores = self._clip_stores
+        if stores:
+            self.backend.begin_clip(t_len, hp, wp)
         for ws in range(0, t_len, self.window):
             chunk = [resize_frame(np.ascontiguousarray(f), h, w) for f in frames[ws:ws + self.window]]
             images = normalize_and_pad(chunk, s.pixel_mean, s.pixel_std, s.size_divisibility)
             out = self._run("segmenter", {"images": images},
-                            fetch=("frame_embeds", "pred_logits", "mask_pooled"))
+                            fetch=("frame_embeds", "pred_logits", "mask_pooled"),
+                            **({"frame_offset": ws} if stores else {}))
             fe, lg, mp = out["frame_embeds"], out["pred_logits"], out["mask_pooled"]
             mf = out["mask_features"]
             mf_windows.append(mf)
@@ -333,6 +363,8 @@ class OfflinePipeline:
             for j in range(len(chunk)):
                 self._track_frame(hub, clip_start + ws + j, fe[j], lg[j], mp[j],
                                   self._frame_of(mf, j))
+            if on_frames:
+                on_frames(len(chunk))
         frame_embeds = np.concatenate(frame_embeds)
         seg_logits = np.concatenate(seg_logits)
 
@@ -362,9 +394,8 @@ class OfflinePipeline:
             mo = self._run("mask_head", {"mask_embed": emb, "mask_features": mf_windows[wi]},
                            fetch=("pred_masks",))
             masks = self.upsampler(self._host(mo["pred_masks"]), (hp, wp), (h, w), (h0, w0))
-            for t in range(masks.shape[1]):
-                for si, rle in enumerate(_encode_rle(masks[:, t])):
-                    rles[si].append(rle)
+            for si, block in enumerate(_encode_rle(masks)):
+                rles[si].extend(block)
             if kept is not None:
                 kept.append(masks)
         hub.end_clip(clip_start + t_len)
@@ -373,15 +404,16 @@ class OfflinePipeline:
                             np.zeros((0,), np.int64),
                             query_index=query, rles=rles,
                             masks=np.concatenate(kept, axis=1) if kept else None,
-                            num_tracks=hub.next_id)
+                            num_tracks=hub.next_id,
+                            refiner_ids=np.asarray(ids, np.int64))
         return result, (h, w)
 
     # ---------------------------------------------------------------- whole video
     def run_video(self, frames: Iterable[np.ndarray], clip_frames: Optional[int] = None,
                   on_frames: Optional[Callable[[int], None]] = None) -> VideoResult:
         """Run a whole video (an iterable of RGB uint8 frames), in clips of ``clip_frames``
-        frames (None: one clip). ``on_frames(n)`` is called after each clip with its length
-        (progress bars)."""
+        frames (None: one clip). ``on_frames(n)`` is called after each segmenter window with
+        its frame count (progress bars; the counts add up to the video's length)."""
         hub: Optional[TrackHub] = None
         clips: List[ClipResult] = []
         buf: List[np.ndarray] = []
@@ -392,10 +424,9 @@ class OfflinePipeline:
             nonlocal hub, start, buf
             if hub is None:
                 hub = TrackHub(self.seg_query_feat.shape[1], self.s.num_classes + 1)
-            res, _ = self.process_clip(buf, hub, clip_start=start, clip_index=len(clips))
+            res, _ = self.process_clip(buf, hub, clip_start=start, clip_index=len(clips),
+                                       on_frames=on_frames)
             clips.append(res)
-            if on_frames:
-                on_frames(len(buf))
             start += len(buf)
             buf = []
 

@@ -1,0 +1,118 @@
+"""``dvis-trt run``: videos in, YouTube-VIS results (and an overlay video) out.
+
+Examples::
+
+    dvis-trt run bundle/ video.mp4 --output results.json --overlay overlay.mp4
+    dvis-trt run bundle/ clips/*.mp4 frames/0001/ --clip-frames 120 --threads 4
+    dvis-trt run bundle/ --ytvis-json ovis/annotations_valid.json --ytvis-root ovis/valid \\
+        --output results.json --quiet
+"""
+from __future__ import annotations
+
+import argparse
+
+from .errors import InputError
+
+__all__ = ["add_arguments", "run", "OVERLAY_SUFFIXES"]
+
+#: Containers the overlay writer encodes (H.264 / MPEG-4 Part 2; VP9 for WebM).
+OVERLAY_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dvis-trt run``."""
+    from .runner import BACKENDS
+
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (`dvis-trt export`)")
+    parser.add_argument("inputs", metavar="INPUT", nargs="*",
+                        help="video files (any format FFmpeg reads), folders of frames "
+                             "(YouTube-VIS JPEGImages/<video>/), a folder of such folders, or "
+                             "images")
+    parser.add_argument("--output", "-o", default="results.json", metavar="results.json",
+                        help="YouTube-VIS results of all videos (default: results.json)")
+    parser.add_argument("--overlay", default=None, metavar="out.mp4",
+                        help="also write the video with coloured masks, track ids, class names "
+                             "and scores (several videos: out_<name>.mp4, or a folder)")
+    parser.add_argument("--overlay-min-score", type=float, default=0.3, metavar="S",
+                        help="instances below this score are not drawn (default 0.3, as the "
+                             "official demo)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto (TensorRT engines if built for this GPU, else ONNX Runtime),"
+                             " ort, torch (eager baseline, needs --checkpoint), trt")
+    parser.add_argument("--providers", default=None, metavar="LIST",
+                        help="ONNX Runtime execution providers in priority order, e.g. "
+                             "'tensorrt,cuda,cpu' (default: CUDA if available, then CPU)")
+    parser.add_argument("--threads", type=_positive, default=None, metavar="N",
+                        help="intra-op threads per engine session (default: all cores)")
+    parser.add_argument("--window", type=_positive, default=5, metavar="T",
+                        help="frames per segmenter / mask-head call (default 5; results do not "
+                             "depend on it)")
+    parser.add_argument("--clip-frames", type=_positive, default=None, metavar="N",
+                        help="process long videos in clips of N frames, tracker state carried "
+                             "across clips (stable track ids, memory bounded by N; default: the "
+                             "whole video at once, as the official offline model)")
+    parser.add_argument("--ytvis-json", default=None, metavar="J",
+                        help="run every video of a YouTube-VIS / OVIS dataset json")
+    parser.add_argument("--ytvis-root", default=None, metavar="DIR",
+                        help="folder the json's file_names are relative to (e.g. "
+                             "valid/JPEGImages)")
+    parser.add_argument("--class-names", default=None, metavar="a,b,...|FILE",
+                        help="class names in class order: comma-separated, a text file (one per "
+                             "line) or a JSON list (default: from the bundle)")
+    parser.add_argument("--checkpoint", default=None, metavar="model.pth",
+                        help="weights for --backend torch")
+    parser.add_argument("--config-file", default=None, metavar="CFG.yaml",
+                        help="config for --backend torch (default: the bundle's config path)")
+    parser.add_argument("--lenient", action="store_true",
+                        help="decode damaged video files past errors (like ffmpeg) instead of "
+                             "refusing them")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="in a batch, also skip videos that fail for other reasons than "
+                             "being unreadable (stage errors, out of memory) instead of "
+                             "stopping; unreadable videos are always reported and skipped")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the sha256 check of the bundle files")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bar and no summary lines (errors still go to stderr)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the videos; returns 0, or 2 when some videos of a batch were skipped (errors that
+    stop the run raise :class:`~dvis_trt.runtime.errors.DvisTrtError`)."""
+    from .runner import Runner, discover_inputs, load_class_names, run_videos
+    from .manifest import load_manifest
+
+    if args.overlay_min_score < 0 or args.overlay_min_score > 1:
+        raise InputError(f"--overlay-min-score must be in [0, 1], got {args.overlay_min_score}")
+    from pathlib import Path
+
+    if args.output is not None and Path(args.output).is_dir():
+        raise InputError(f"--output {args.output} is a folder; give a file name, e.g. "
+                         f"{Path(args.output) / 'results.json'}")
+    if args.overlay is not None and not Path(args.overlay).is_dir() and \
+            not str(args.overlay).endswith(("/", "\\")) and \
+            Path(args.overlay).suffix.lower() not in OVERLAY_SUFFIXES:
+        raise InputError(f"--overlay {args.overlay}: use one of "
+                         f"{', '.join(OVERLAY_SUFFIXES)} (or a folder for several videos)")
+    jobs, category_ids = discover_inputs(args.inputs, args.ytvis_json, args.ytvis_root,
+                                         strict=not args.lenient)
+    manifest = load_manifest(args.bundle, verify=not args.no_verify)
+    names = load_class_names(args.class_names, manifest.config.num_classes,
+                             manifest.config.class_names)
+    with Runner(manifest, args.backend, threads=args.threads, window=args.window,
+                clip_frames=args.clip_frames, class_names=names, category_ids=category_ids,
+                quiet=args.quiet, overlay_min_score=args.overlay_min_score,
+                providers=args.providers, checkpoint=args.checkpoint,
+                config_file=args.config_file) as runner:
+        summary = run_videos(runner, jobs, args.output, args.overlay, keep_going=args.keep_going)
+    return summary.exit_code

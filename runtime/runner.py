@@ -1,0 +1,656 @@
+"""Run videos through a bundle: inputs, backend choice, prefetching, pipeline, writers (no torch).
+
+What ``dvis-trt run`` (and ``dvis-trt demo``) call:
+
+* :func:`discover_inputs` ``(paths, ytvis_json, ytvis_root) -> list[VideoJob]``: video files,
+  folders of frames (YouTube-VIS ``JPEGImages/<video>/``), a folder of such folders (one video
+  per sub-folder), single images, or every video of a YouTube-VIS dataset json.
+* :func:`choose_backend` ``(manifest, name, ...) -> (Backend, description)``: ``auto`` picks
+  TensorRT engines built for this machine, else ONNX Runtime (CUDA if present, else CPU).
+* :class:`Runner`: loads the bundle once and runs :class:`VideoJob` s: decoding in a bounded
+  background queue (:func:`~dvis_trt.runtime.video.prefetch`) ahead of
+  :class:`~dvis_trt.runtime.pipeline.OfflinePipeline`, a tqdm progress bar, a per-video
+  summary line, YouTube-VIS results and the optional overlay video.
+* :func:`run_videos`: the whole command (bad videos in a batch are reported and skipped; the
+  results file is written atomically once, at the end).
+
+Errors are :class:`~dvis_trt.runtime.errors.DvisTrtError` subclasses with one line saying what,
+where and what to do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple, Union
+
+import numpy as np
+
+from .errors import BundleError, DependencyError, DvisTrtError, InputError
+from .manifest import BundleManifest, load_manifest
+from .pipeline import FILL_ID_BASE, OfflinePipeline, PipelineSettings, VideoResult
+from .postprocess import MaskUpsampler
+from .results import InstanceTrack, write_results, ytvis_results
+from .video import (IMAGE_EXTENSIONS, VideoSource, load_ytvis_videos, natural_sort_key,
+                    open_source, prefetch)
+
+__all__ = ["BACKENDS", "VideoJob", "VideoOutcome", "RunSummary", "discover_inputs",
+           "choose_backend", "load_class_names", "overlay_paths", "limit_blas_threads", "Runner",
+           "run_videos"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: ``--backend`` choices.
+BACKENDS = ("auto", "ort", "torch", "trt")
+
+
+# --------------------------------------------------------------------------------------------
+# host threads
+# --------------------------------------------------------------------------------------------
+_BLAS_SETTERS = ("openblas_set_num_threads", "openblas_set_num_threads64_",
+                 "scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                 "MKL_Set_Num_Threads")
+
+
+def limit_blas_threads(n: int = 1) -> int:
+    """Set the thread count of the BLAS libraries loaded in this process (numpy's OpenBLAS,
+    MKL) to ``n``; returns how many libraries were changed (0 where none can be found).
+
+    Why: the host side's matrix products are tiny (at most 100 x 256 x 100 per frame: the slot
+    match, the frame link), where a multi-threaded BLAS gains nothing, and its worker threads
+    fight the engines' own thread pools (ONNX Runtime's workers spin for a while after each
+    run): on a 2-core machine a 70 x 256 x 100 product took 5 ms instead of 0.04 ms
+    (``benchmarks/host_overhead.py``). Uses ``threadpoolctl`` when installed, else finds the
+    libraries in ``/proc/self/maps`` (Linux) and calls their ``*_set_num_threads``.
+    """
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        threadpool_limits(limits=int(n), user_api="blas")
+        return 1
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", "r", encoding="utf-8") as f:
+            paths = {line.split()[-1] for line in f
+                     if ("blas" in line.lower() or "libmkl_rt" in line) and ".so" in line}
+    except OSError:
+        return 0
+    changed = 0
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _BLAS_SETTERS:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                try:
+                    fn(ctypes.c_int(int(n)))
+                    changed += 1
+                except Exception:  # pragma: no cover - an odd build: leave it alone
+                    pass
+                break
+    return changed
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VideoJob:
+    """One video to run.
+
+    Attributes:
+        name: display name (file stem, frame-folder name, or the dataset's folder name); also
+            names its overlay file in a batch.
+        video_id: the ``video_id`` its results carry (the dataset's id for ``--ytvis-json``,
+            else 1, 2, ... in the order given).
+        path: the file or folder, for messages.
+        opener: ``() -> VideoSource``; opening probes the video (raises :class:`InputError`).
+    """
+
+    name: str
+    video_id: int
+    path: Optional[Path]
+    opener: Callable[[], VideoSource]
+
+    def open(self) -> VideoSource:
+        return self.opener()
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+               for p in folder.iterdir() if p.is_file())
+
+
+def discover_inputs(paths: Sequence[PathLike], ytvis_json: Optional[PathLike] = None,
+                    ytvis_root: Optional[PathLike] = None, *, strict: bool = True,
+                    fps: Optional[float] = None) -> Tuple[List[VideoJob], Optional[List[int]]]:
+    """Turn command-line inputs into :class:`VideoJob` s (nothing is decoded yet).
+
+    Args:
+        paths: video files (anything FFmpeg reads), folders of frames, folders whose
+            sub-folders are frame folders (a YouTube-VIS ``JPEGImages/`` root: one video per
+            sub-folder, natural order), or single images (1-frame videos).
+        ytvis_json, ytvis_root: a YouTube-VIS / OVIS dataset json and its image root; every
+            video of the json is added (``video_id`` from the json, sorted by id).
+        strict: strict decoding of video files (see :class:`AVVideoSource`).
+        fps: frame rate attached to frame folders (timestamps only).
+    Returns:
+        (jobs, category_ids): ``category_ids`` = the dataset's category ids in contiguous
+        order (sorted ids, official ``thing_dataset_id_to_contiguous_id``) when a dataset json
+        is given, else None (labels map to ``label + 1``).
+    Raises:
+        InputError: no inputs at all, ``--ytvis-json`` without ``--ytvis-root`` (or the
+        reverse), an unreadable dataset json. A missing or unreadable *video* is not raised
+        here: its job fails when opened, so a batch can report it and go on.
+    """
+    if (ytvis_json is None) != (ytvis_root is None):
+        raise InputError("--ytvis-json and --ytvis-root go together: pass the dataset json and "
+                         "the folder its file_names are relative to (e.g. valid/JPEGImages)")
+    if not paths and ytvis_json is None:
+        raise InputError("no input: pass video files / frame folders, or --ytvis-json with "
+                         "--ytvis-root")
+    jobs: List[VideoJob] = []
+
+    def add(name: str, path: Optional[Path], opener: Callable[[], VideoSource]) -> None:
+        jobs.append(VideoJob(name=name, video_id=len(jobs) + 1, path=path, opener=opener))
+
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir() and not _has_images(p):
+            subs = sorted((d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")
+                           and _has_images(d)), key=lambda d: natural_sort_key(d.name))
+            if subs:  # a JPEGImages/ root: one video per sub-folder
+                for d in subs:
+                    add(d.name, d, lambda d=d: open_source(d, fps=fps))
+                continue
+        name = p.name if p.is_dir() else p.stem
+        add(name or str(p), p, lambda p=p: open_source(p, strict=strict, fps=fps))
+
+    category_ids: Optional[List[int]] = None
+    if ytvis_json is not None:
+        if paths:
+            raise InputError("pass either input videos or --ytvis-json, not both (results of a "
+                             "dataset run carry the dataset's video ids)")
+        videos = load_ytvis_videos(ytvis_json, ytvis_root)
+        if not videos:
+            raise InputError(f"'{ytvis_json}' lists no videos")
+        for v in videos:
+            jobs.append(VideoJob(name=v.name, video_id=v.id,
+                                 path=v.file_names[0].parent if v.file_names else None,
+                                 opener=lambda v=v: v.open(fps=fps)))
+        category_ids = _dataset_category_ids(ytvis_json)
+    return jobs, category_ids
+
+
+def _dataset_category_ids(json_path: PathLike) -> Optional[List[int]]:
+    """Sorted category ids of a YouTube-VIS json (``categories[*].id``), or None if absent."""
+    try:
+        with open(json_path, "r", encoding="utf-8") as f:
+            cats = json.load(f).get("categories")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(cats, list) or not cats:
+        return None
+    try:
+        return sorted(int(c["id"]) for c in cats)
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"'{json_path}': 'categories' entries need an integer 'id'") from None
+
+
+def load_class_names(spec: Optional[str], num_classes: int,
+                     bundle_names: Optional[Sequence[str]] = None) -> Optional[List[str]]:
+    """Class names for labels: ``--class-names`` if given, else the bundle's config metadata.
+
+    Args:
+        spec: ``"a,b,c"``, or a file: one name per line (blank lines and ``#`` comments
+            skipped), or a ``.json`` list of names (or of ``{"id", "name"}`` objects in
+            contiguous order).
+        num_classes: K; the list must have exactly K names.
+        bundle_names: ``manifest.config.class_names``.
+    Returns:
+        K names, or None (labels are then shown as ``class <id>``).
+    Raises:
+        InputError: a file that cannot be read, or the wrong number of names.
+    """
+    if spec is None:
+        return list(bundle_names) if bundle_names else None
+    p = Path(spec)
+    where = f"--class-names {spec!r}"
+    if p.is_file():
+        where = f"class-names file '{p}'"
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read {where}: {exc}") from None
+        if p.suffix.lower() == ".json":
+            try:
+                data = json.loads(text)
+            except ValueError as exc:
+                raise InputError(f"{where} is not valid JSON: {exc}") from None
+            if isinstance(data, dict) and "categories" in data:
+                data = sorted(data["categories"], key=lambda c: int(c["id"]))
+            if not isinstance(data, list):
+                raise InputError(f"{where} must hold a JSON list of names")
+            names = [str(d["name"]) if isinstance(d, dict) else str(d) for d in data]
+        else:
+            names = [ln.strip() for ln in text.splitlines()]
+            names = [n for n in names if n and not n.startswith("#")]
+    else:
+        if os.sep in spec or spec.endswith((".txt", ".json")):
+            raise InputError(f"class-names file '{spec}' does not exist; pass a file or a "
+                             f"comma-separated list")
+        names = [n.strip() for n in spec.split(",")]
+    if len(names) != num_classes or any(not n for n in names):
+        raise InputError(f"{where} gives {len(names)} names but the bundle has {num_classes} "
+                         f"classes; give exactly one non-empty name per class, in class order")
+    return names
+
+
+def overlay_paths(overlay: Optional[PathLike], jobs: Sequence[VideoJob]) -> Dict[int, Path]:
+    """Overlay file per job index: the path itself for one video; for several,
+    ``<folder>/<stem>_<video name><suffix>`` (or ``<folder>/<video name>.mp4`` when ``overlay``
+    is an existing folder or ends with a path separator)."""
+    if overlay is None:
+        return {}
+    o = Path(overlay)
+    as_dir = o.is_dir() or str(overlay).endswith(("/", os.sep))
+    if len(jobs) == 1 and not as_dir:
+        return {0: o}
+    out: Dict[int, Path] = {}
+    used: Dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in job.name) or "video"
+        n = used.get(base, 0)
+        used[base] = n + 1
+        if n:
+            base = f"{base}_{n}"
+        out[i] = (o / f"{base}.mp4") if as_dir else o.with_name(f"{o.stem}_{base}{o.suffix}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------------
+def _describe_ort(backend) -> str:
+    providers = sorted({p for ps in backend.active_providers.values() for p in ps},
+                       key=lambda p: backend.providers.index(p) if p in backend.providers else 9)
+    threads = f", {backend.threads} threads" if backend.threads else ""
+    return f"ort (ONNX Runtime: {', '.join(providers) or 'no session'}{threads})"
+
+
+def _make_ort(manifest: BundleManifest, threads: Optional[int], providers) -> Tuple[Any, str]:
+    from .backends.ort_backend import OrtBackend
+
+    backend = OrtBackend(providers or "auto", threads=threads)
+    try:
+        backend.load_all(manifest)
+    except BaseException:
+        backend.close()
+        raise
+    return backend, _describe_ort(backend)
+
+
+def _make_trt(manifest: BundleManifest) -> Tuple[Any, str]:
+    from .backends.trt_backend import TrtBackend
+
+    backend = TrtBackend()
+    try:
+        backend.load_all(manifest)
+    except BaseException:
+        backend.close()
+        raise
+    em = getattr(backend, "_emanifest", None)
+    where = f" {em.root.name}" if em is not None and getattr(em, "root", None) else ""
+    return backend, f"trt (TensorRT engines{where})"
+
+
+def _make_torch(manifest: BundleManifest, threads: Optional[int],
+                checkpoint: Optional[PathLike], config_file: Optional[PathLike]
+                ) -> Tuple[Any, str]:
+    if checkpoint is None:
+        raise InputError("--backend torch runs the eager PyTorch stages and needs the weights: "
+                         "pass --checkpoint model.pth (and --config-file if the bundle's "
+                         "config path is not readable here)")
+    from .backends.torch_backend import TorchBackend
+
+    backend = TorchBackend(checkpoint=checkpoint, config_file=config_file, threads=threads)
+    try:
+        backend.load_all(manifest)
+    except BaseException:
+        backend.close()
+        raise
+    return backend, f"torch (eager PyTorch, CPU{f', {threads} threads' if threads else ''})"
+
+
+def choose_backend(manifest: BundleManifest, name: str = "auto", *,
+                   threads: Optional[int] = None, providers: Optional[str] = None,
+                   checkpoint: Optional[PathLike] = None,
+                   config_file: Optional[PathLike] = None) -> Tuple[Any, str]:
+    """Create and load the backend for ``name`` with every stage of the bundle.
+
+    ``auto``: TensorRT when ``tensorrt`` imports and engines built for this GPU / TensorRT
+    version exist in the bundle; else ONNX Runtime (CUDA provider when this onnxruntime has it,
+    else CPU). ``torch`` is never chosen automatically (it needs the checkpoint).
+
+    Returns:
+        (backend, description): the description names the backend, its providers / engines
+        and, for ``auto``, why a better one was not used.
+    Raises:
+        InputError: unknown name, or ``torch`` without a checkpoint; DependencyError: the
+        backend's package is missing; BundleError: the bundle (or its engines) cannot be loaded.
+    """
+    if name not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "ort":
+        return _make_ort(manifest, threads, providers)
+    if name == "trt":
+        return _make_trt(manifest)
+    if name == "torch":
+        return _make_torch(manifest, threads, checkpoint, config_file)
+    # auto
+    why_not_trt = None
+    engines = manifest.root / "engines" if manifest.root else None
+    if engines is None or not engines.is_dir():
+        why_not_trt = "no TensorRT engines in the bundle (`dvis-trt build` makes them)"
+    else:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            why_not_trt = "tensorrt is not installed"
+    if why_not_trt is None:
+        try:
+            return _make_trt(manifest)
+        except DvisTrtError as exc:
+            why_not_trt = str(exc)
+        except Exception as exc:  # a CUDA / driver failure: fall back, say why
+            why_not_trt = f"{type(exc).__name__}: {exc}"
+    backend, desc = _make_ort(manifest, threads, providers)
+    return backend, f"{desc} [auto; not TensorRT: {why_not_trt}]"
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VideoOutcome:
+    """One processed video: its merged result, its YouTube-VIS dicts and timings."""
+
+    job: VideoJob
+    source: VideoSource
+    result: VideoResult
+    results: List[Dict[str, Any]]
+    seconds: float
+    overlay: Optional[Path] = None
+    #: presentation time (s) of each frame as stored (variable frame rate kept; None if unknown)
+    timestamps: List[Optional[float]] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.result.num_frames / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class RunSummary:
+    """What :func:`run_videos` did."""
+
+    outcomes: List[VideoOutcome]
+    failures: List[Tuple[VideoJob, str]]
+    output: Optional[Path]
+    backend: str
+    results: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every video ran, 2 when some were skipped."""
+        return 2 if self.failures else 0
+
+
+def _label_text(label: int, class_names: Optional[Sequence[str]]) -> str:
+    if class_names and 0 <= label < len(class_names):
+        return str(class_names[label])
+    return f"class {label + 1}"
+
+
+class Runner:
+    """Loads a bundle and a backend once, then runs videos through the offline pipeline.
+
+    Args:
+        bundle: bundle folder (``dvis-trt export`` output) or a loaded :class:`BundleManifest`.
+        backend: ``auto`` / ``ort`` / ``torch`` / ``trt`` (see :func:`choose_backend`), or a
+            ready :class:`~dvis_trt.runtime.backends.base.Backend` (loaded with every stage).
+        threads: intra-op threads (ONNX Runtime sessions, the mask resizer, torch).
+        window: frames per segmenter / mask-head call (a performance knob; results do not
+            depend on it). Default 5, the official window.
+        clip_frames: process long videos in clips of this many frames with the tracker state
+            carried across clips (track ids stay stable; peak memory is bounded by it).
+            None: the whole video is one clip (the official offline path).
+        class_names: names in class order (None: the bundle's, else ``class <id>``).
+        category_ids: dataset category ids in contiguous order (None: ``label + 1``).
+        quiet: no progress bar and no summary lines.
+        stream: where progress and summaries go (default stderr for the bar, stdout for lines).
+        prefetch_frames: decoded frames the background decoder may queue ahead.
+        overlay_min_score: instances scoring below this are not drawn in overlays (the
+            official demo drops scores below 0.3).
+        providers / checkpoint / config_file: see :func:`choose_backend`.
+        verify: check the bundle files' sha256 on load.
+        host_blas_threads: BLAS threads for the host-side numpy work (default 1, see
+            :func:`limit_blas_threads`; None leaves BLAS alone).
+    Raises:
+        BundleError / DependencyError / InputError as :func:`load_manifest` and
+        :func:`choose_backend`.
+    """
+
+    def __init__(self, bundle: Union[PathLike, BundleManifest], backend: Any = "auto", *,
+                 threads: Optional[int] = None, window: int = 5,
+                 clip_frames: Optional[int] = None,
+                 class_names: Optional[Sequence[str]] = None,
+                 category_ids: Optional[Sequence[int]] = None, quiet: bool = False,
+                 stream: Optional[TextIO] = None, prefetch_frames: int = 8,
+                 overlay_min_score: float = 0.3, providers: Optional[str] = None,
+                 checkpoint: Optional[PathLike] = None, config_file: Optional[PathLike] = None,
+                 verify: bool = True, host_blas_threads: Optional[int] = 1):
+        if int(window) < 1:
+            raise InputError(f"--window must be >= 1, got {window}")
+        if clip_frames is not None and int(clip_frames) < 1:
+            raise InputError(f"--clip-frames must be >= 1, got {clip_frames}")
+        if threads is not None and int(threads) < 1:
+            raise InputError(f"--threads must be >= 1, got {threads}")
+        self.manifest = bundle if isinstance(bundle, BundleManifest) else \
+            load_manifest(bundle, verify=verify)
+        if self.manifest.constants is None:
+            raise BundleError(f"bundle {self.manifest.root} has no constants file (bg_slots, "
+                              "seg_query_feat); re-export it")
+        const_path = self.manifest.root / self.manifest.constants.file
+        try:
+            with np.load(const_path) as z:
+                constants = {k: np.asarray(z[k], np.float32) for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot read {const_path}: {exc}; re-export the bundle") from None
+        for key in ("bg_slots", "seg_query_feat"):
+            if key not in constants:
+                raise BundleError(f"{const_path} lacks '{key}'; re-export the bundle")
+        if isinstance(backend, str):
+            self.backend, self.backend_desc = choose_backend(
+                self.manifest, backend, threads=threads, providers=providers,
+                checkpoint=checkpoint, config_file=config_file)
+            self._own_backend = True
+        else:
+            self.backend, self.backend_desc = backend, getattr(backend, "name", "custom")
+            self._own_backend = False
+        if host_blas_threads is not None:
+            limit_blas_threads(int(host_blas_threads))
+        self.settings = PipelineSettings.from_values(self.manifest.config.to_dict())
+        self.pipeline = OfflinePipeline(self.backend, self.settings, constants,
+                                        window=int(window),
+                                        upsampler=MaskUpsampler(intra_op_threads=threads or 0))
+        self.clip_frames = None if clip_frames is None else int(clip_frames)
+        self.class_names = list(class_names) if class_names else (
+            list(self.manifest.config.class_names) if self.manifest.config.class_names else None)
+        self.category_ids = list(category_ids) if category_ids else None
+        if self.category_ids is not None and len(self.category_ids) != self.settings.num_classes:
+            print(f"dvis-trt: warning: the dataset json lists {len(self.category_ids)} "
+                  f"categories but the model has {self.settings.num_classes} classes; results "
+                  "use category_id = label + 1", file=sys.stderr, flush=True)
+            self.category_ids = None
+        self.quiet = bool(quiet)
+        self.stream = stream
+        self.prefetch_frames = int(prefetch_frames)
+        self.overlay_min_score = float(overlay_min_score)
+
+    # -- output helpers ----------------------------------------------------------------------
+    def say(self, line: str) -> None:
+        if not self.quiet:
+            print(line, file=self.stream or sys.stdout, flush=True)
+
+    def _progress(self, job: VideoJob, total: Optional[int]):
+        if self.quiet:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a core dependency
+            return None
+        return tqdm(total=total, desc=job.name[:24], unit="frame", leave=False,
+                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+    # -- one video -----------------------------------------------------------------------------
+    def run_source(self, job: VideoJob, source: VideoSource,
+                   overlay: Optional[PathLike] = None) -> VideoOutcome:
+        """Run one opened video: pipeline, YouTube-VIS dicts, optional overlay.
+
+        Raises InputError when the video turns out to be unreadable midway (nothing of it is
+        kept) and whatever the backend raises."""
+        bar = self._progress(job, source.num_frames)
+        stamps: List[Optional[float]] = []
+
+        def rgb_frames(frames):
+            for f in frames:  # frame index = decode order; the stored timestamps are kept
+                stamps.append(f.pts_seconds)
+                yield f.rgb
+
+        t0 = time.perf_counter()
+        try:
+            with prefetch(source, max_queue=self.prefetch_frames) as frames:
+                result = self.pipeline.run_video(
+                    rgb_frames(frames), clip_frames=self.clip_frames,
+                    on_frames=(bar.update if bar is not None else None))
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - t0
+        if result.num_frames == 0:
+            raise InputError(f"'{job.path or job.name}' yielded no frames; check the file")
+        instances = [InstanceTrack(track_id=int(result.track_ids[i]),
+                                   label=int(result.labels[i]), score=float(result.scores[i]),
+                                   segmentations=result.segmentations[i])
+                     for i in range(len(result.scores))]
+        dicts = ytvis_results(job.video_id, instances, self.category_ids,
+                              num_frames=result.num_frames)
+        out = VideoOutcome(job=job, source=source, result=result, results=dicts,
+                           seconds=seconds, timestamps=stamps)
+        if overlay is not None:
+            from .overlay import write_overlay
+
+            try:
+                write_overlay(overlay, source.iter_frames(), instances, self.class_names,
+                              fps=source.fps, min_score=self.overlay_min_score)
+            except ValueError as exc:
+                raise InputError(f"cannot write the overlay '{overlay}': {exc}") from None
+            out.overlay = Path(overlay)
+        return out
+
+    def summary_line(self, out: VideoOutcome, index: int = 0, total: int = 1) -> str:
+        """``[i/n] name: T frames HxW | tracks born, instances | top instances | frames/s``."""
+        r = out.result
+        h, w = r.image_size
+        n_fill = int((r.track_ids >= FILL_ID_BASE).sum())
+        top = sorted(range(len(r.scores)), key=lambda i: -float(r.scores[i]))[:3]
+        tops = ", ".join(f"#{int(r.track_ids[i])} {_label_text(int(r.labels[i]), self.class_names)}"
+                         f" {float(r.scores[i]):.2f}" for i in top)
+        shown = int((r.scores >= self.overlay_min_score).sum())
+        clips = f", {len(r.clips)} clips" if len(r.clips) > 1 else ""
+        return (f"[{index + 1}/{total}] {out.job.name}: {r.num_frames} frames {h}x{w}{clips} | "
+                f"{r.num_tracks} tracks born, {len(r.scores)} instances ({n_fill} from the "
+                f"frame link, {shown} >= {self.overlay_min_score:g}) | top: {tops or '-'} | "
+                f"{out.fps:.1f} frames/s")
+
+    def close(self) -> None:
+        if self._own_backend:
+            self.backend.close()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLike],
+               overlay: Optional[PathLike] = None, *, keep_going: bool = False) -> RunSummary:
+    """Run every job; write ``output`` (all videos' results, one flat list) atomically at the end.
+
+    A video that cannot be read — missing, empty, not a video, no frames, corrupt or truncated
+    midway — is reported on one line and skipped; the others still run and the summary's exit
+    code is 2. Any other failure on a video (a stage error, out of memory) aborts the run unless
+    ``keep_going`` (then it is reported and skipped too). When the run aborts, or when no
+    video could be processed, nothing is written (the error propagates).
+
+    Returns:
+        :class:`RunSummary` (results, failures, the written path).
+    """
+    overlays = overlay_paths(overlay, jobs)
+    outcomes: List[VideoOutcome] = []
+    failures: List[Tuple[VideoJob, str]] = []
+    total = len(jobs)
+    runner.say(f"backend: {runner.backend_desc}")
+    for i, job in enumerate(jobs):
+        try:
+            source = job.open()
+            out = runner.run_source(job, source, overlays.get(i))
+        except InputError as exc:
+            if total == 1:
+                raise
+            failures.append((job, str(exc)))
+            print(f"dvis-trt: skipped [{i + 1}/{total}] {job.name}: {exc}", file=sys.stderr,
+                  flush=True)
+            continue
+        except (DvisTrtError, MemoryError, RuntimeError, ValueError) as exc:
+            if not keep_going or total == 1:
+                raise
+            failures.append((job, f"{type(exc).__name__}: {exc}"))
+            print(f"dvis-trt: skipped [{i + 1}/{total}] {job.name}: {type(exc).__name__}: "
+                  f"{exc}", file=sys.stderr, flush=True)
+            continue
+        outcomes.append(out)
+        runner.say(runner.summary_line(out, i, total))
+    if not outcomes:
+        raise InputError(f"none of the {total} videos could be processed (see the lines "
+                         "above); nothing was written")
+    results = [d for o in outcomes for d in o.results]
+    written = None
+    if output is not None:
+        written = write_results(output, results)
+    summary = RunSummary(outcomes=outcomes, failures=failures, output=written,
+                         backend=runner.backend_desc, results=results)
+    frames = sum(o.result.num_frames for o in outcomes)
+    seconds = sum(o.seconds for o in outcomes)
+    tail = f"; {len(failures)} of {total} videos skipped" if failures else ""
+    where = f" -> {written}" if written is not None else ""
+    runner.say(f"{len(outcomes)} video(s), {frames} frames in {seconds:.1f} s "
+               f"({frames / seconds if seconds > 0 else 0:.1f} frames/s), "
+               f"{len(results)} results{where}{tail}")
+    for o in outcomes:
+        if o.overlay is not None:
+            runner.say(f"overlay: {o.overlay}")
+    if failures:
+        names = ", ".join(j.name for j, _ in failures)
+        print(f"dvis-trt: {len(failures)} of {total} videos were skipped: {names}",
+              file=sys.stderr, flush=True)
+    return summary
