@@ -19,6 +19,18 @@ __all__ = ["add_arguments", "run", "OVERLAY_SUFFIXES"]
 OVERLAY_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm")
 
 
+def _clip_frames(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -57,10 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=_positive, default=5, metavar="T",
                         help="frames per segmenter / mask-head call (default 5; results do not "
                              "depend on it)")
-    parser.add_argument("--clip-frames", type=_positive, default=None, metavar="N",
+    parser.add_argument("--clip-frames", type=_clip_frames, default="auto", metavar="N",
                         help="process long videos in clips of N frames, tracker state carried "
-                             "across clips (stable track ids, memory bounded by N; default: the "
-                             "whole video at once, as the official offline model)")
+                             "across clips (stable track ids, memory bounded by N). 0: the whole "
+                             "video as one clip, as the official offline model. Default 'auto': "
+                             "one clip unless the video's per-frame features would exceed "
+                             "--memory-gb, then clips that fit (the run says so)")
+    parser.add_argument("--memory-gb", type=float, default=4.0, metavar="GB",
+                        help="host memory the clip features may take with --clip-frames auto "
+                             "(default 4)")
     parser.add_argument("--ytvis-json", default=None, metavar="J",
                         help="run every video of a YouTube-VIS / OVIS dataset json")
     parser.add_argument("--ytvis-root", default=None, metavar="DIR",
@@ -110,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     names = load_class_names(args.class_names, manifest.config.num_classes,
                              manifest.config.class_names)
     with Runner(manifest, args.backend, threads=args.threads, window=args.window,
-                clip_frames=args.clip_frames, class_names=names, category_ids=category_ids,
+                clip_frames=args.clip_frames, memory_gb=args.memory_gb, class_names=names, category_ids=category_ids,
                 quiet=args.quiet, overlay_min_score=args.overlay_min_score,
                 providers=args.providers, checkpoint=args.checkpoint,
                 config_file=args.config_file) as runner:

@@ -60,6 +60,7 @@ class PipelineSettings:
     size_divisibility: int
     pixel_mean: Tuple[float, float, float]
     pixel_std: Tuple[float, float, float]
+    input_format: str = "RGB"
 
     @classmethod
     def from_values(cls, v: dict) -> "PipelineSettings":
@@ -72,7 +73,8 @@ class PipelineSettings:
             max_num=int(v["max_num"]), min_size_test=int(v["min_size_test"]),
             max_size_test=int(v["max_size_test"]), size_divisibility=int(v["size_divisibility"]),
             pixel_mean=tuple(float(x) for x in v["pixel_mean"]),
-            pixel_std=tuple(float(x) for x in v["pixel_std"]))
+            pixel_std=tuple(float(x) for x in v["pixel_std"]),
+            input_format=str(v.get("input_format", "RGB")))
 
 
 class TrackHub:
@@ -333,15 +335,20 @@ class OfflinePipeline:
 
     # ---------------------------------------------------------------- per clip
     def process_clip(self, frames: Sequence[np.ndarray], hub: TrackHub, clip_start: int = 0,
-                     clip_index: int = 0, on_frames: Optional[Callable[[int], None]] = None
+                     clip_index: int = 0, on_frames: Optional[Callable[[int], None]] = None,
+                     orig_size: Optional[Tuple[int, int]] = None
                      ) -> Tuple[ClipResult, Tuple[int, int]]:
         """Run one clip of RGB uint8 frames (H, W, 3) through all stages.
+
+        ``orig_size``: when given, ``frames`` are already resized (official resize rule) and
+        this is the original (H, W) the masks are returned at (:meth:`run_video` resizes frames
+        as they arrive, so a clip holds small frames, not 4K ones).
 
         ``on_frames(n)`` is called after each segmenter window has been tracked, with the
         window's frame count (progress bars). Returns the clip's instances and the resized
         image size (h, w)."""
         s = self.s
-        h0, w0 = frames[0].shape[:2]
+        h0, w0 = orig_size if orig_size is not None else frames[0].shape[:2]
         h, w = resize_shortest_edge_shape(h0, w0, s.min_size_test, s.max_size_test)
         hp, wp = padded_shape(h, w, s.size_divisibility)
         t_len = len(frames)
@@ -351,7 +358,8 @@ class OfflinePipeline:
             self.backend.begin_clip(t_len, hp, wp)
         for ws in range(0, t_len, self.window):
             chunk = [resize_frame(np.ascontiguousarray(f), h, w) for f in frames[ws:ws + self.window]]
-            images = normalize_and_pad(chunk, s.pixel_mean, s.pixel_std, s.size_divisibility)
+            images = normalize_and_pad(chunk, s.pixel_mean, s.pixel_std, s.size_divisibility,
+                                       input_format=s.input_format)
             out = self._run("segmenter", {"images": images},
                             fetch=("frame_embeds", "pred_logits", "mask_pooled"),
                             **({"frame_offset": ws} if stores else {}))
@@ -393,11 +401,13 @@ class OfflinePipeline:
             emb = np.ascontiguousarray(mask_embed[ws:ws + self.window])
             mo = self._run("mask_head", {"mask_embed": emb, "mask_features": mf_windows[wi]},
                            fetch=("pred_masks",))
-            masks = self.upsampler(self._host(mo["pred_masks"]), (hp, wp), (h, w), (h0, w0))
-            for si, block in enumerate(_encode_rle(masks)):
-                rles[si].extend(block)
-            if kept is not None:
-                kept.append(masks)
+            logits = self._host(mo["pred_masks"])                  # (S, t, h/4, w/4)
+            for t in range(logits.shape[1]):  # one frame at a time: (S, H, W) bool at most
+                masks = self.upsampler(logits[:, t:t + 1], (hp, wp), (h, w), (h0, w0))
+                for si, block in enumerate(_encode_rle(masks)):
+                    rles[si].extend(block)
+                if kept is not None:
+                    kept.append(masks)
         hub.end_clip(clip_start + t_len)
         result = ClipResult(start=clip_start, length=t_len, scores=scores, labels=labels,
                             track_ids=np.asarray(ids, np.int64)[query] if len(ids) else
@@ -425,15 +435,22 @@ class OfflinePipeline:
             if hub is None:
                 hub = TrackHub(self.seg_query_feat.shape[1], self.s.num_classes + 1)
             res, _ = self.process_clip(buf, hub, clip_start=start, clip_index=len(clips),
-                                       on_frames=on_frames)
+                                       on_frames=on_frames, orig_size=size)
             clips.append(res)
             start += len(buf)
             buf = []
 
+        resized_hw = None
         for f in frames:
-            if not buf and not clips:
-                size = f.shape[:2]
-            buf.append(f)
+            if resized_hw is None:
+                size = tuple(f.shape[:2])
+                resized_hw = resize_shortest_edge_shape(size[0], size[1], self.s.min_size_test,
+                                                        self.s.max_size_test)
+            elif tuple(f.shape[:2]) != size:
+                from .errors import InputError
+                raise InputError(f"frame {start + len(buf)} is {f.shape[1]}x{f.shape[0]}, frame 0 "
+                                 f"is {size[1]}x{size[0]}: all frames of a video must have one size")
+            buf.append(resize_frame(np.ascontiguousarray(f), *resized_hw))
             if clip_frames and len(buf) >= clip_frames:
                 flush()
         if buf:
@@ -465,6 +482,9 @@ def merge_clips(clips: List[ClipResult], num_frames: int, size: Tuple[int, int],
             segs[k][clip.start:clip.start + clip.length] = clip.rles[si]
     merged = np.asarray([sum(s * n for s, n in sc) / sum(n for _, n in sc) for sc in scores],
                         np.float32)
-    return VideoResult(num_frames=num_frames, image_size=tuple(size), scores=merged,
-                       labels=np.asarray(labels, np.int64), track_ids=np.asarray(tids, np.int64),
-                       segmentations=segs, clips=clips, num_tracks=num_tracks)
+    order = np.argsort(-merged, kind="stable")  # best first (one clip: already in this order)
+    return VideoResult(num_frames=num_frames, image_size=tuple(size), scores=merged[order],
+                       labels=np.asarray(labels, np.int64)[order],
+                       track_ids=np.asarray(tids, np.int64)[order],
+                       segmentations=[segs[i] for i in order], clips=clips,
+                       num_tracks=num_tracks)

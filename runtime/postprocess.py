@@ -118,6 +118,8 @@ class MaskUpsampler:
     in ONNX Runtime (multi-threaded C++ resize), so no torch is needed.
     """
 
+    max_chunk_bytes = 64 << 20
+
     def __init__(self, intra_op_threads: int = 0):
         import onnxruntime as ort
 
@@ -135,10 +137,19 @@ class MaskUpsampler:
         s, t = logits.shape[:2]
         if s == 0 or t == 0:
             return np.zeros((s, t, *out_size), dtype=bool)
-        feeds = {
-            "logits": np.ascontiguousarray(logits, dtype=np.float32),
-            "padded_size": np.array([s, t, padded_size[0], padded_size[1]], dtype=np.int64),
-            "crop_end": np.array([image_size[0], image_size[1]], dtype=np.int64),
-            "out_size": np.array([s, t, out_size[0], out_size[1]], dtype=np.int64),
-        }
-        return self._sess.run(["masks"], feeds)[0]
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        # ORT materialises the float32 result before ``> 0``: bound it to ~64 MB per call
+        # (4K frames: a few instances at a time), so memory does not grow with the frame size
+        per = t * (max(out_size[0], padded_size[0]) * max(out_size[1], padded_size[1])) * 4
+        step = max(1, int(self.max_chunk_bytes // max(per, 1)))
+        out = np.empty((s, t, *out_size), dtype=bool)
+        for a in range(0, s, step):
+            b = min(s, a + step)
+            feeds = {
+                "logits": logits[a:b],
+                "padded_size": np.array([b - a, t, padded_size[0], padded_size[1]], np.int64),
+                "crop_end": np.array([image_size[0], image_size[1]], dtype=np.int64),
+                "out_size": np.array([b - a, t, out_size[0], out_size[1]], dtype=np.int64),
+            }
+            out[a:b] = self._sess.run(["masks"], feeds)[0]
+        return out

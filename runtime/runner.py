@@ -450,7 +450,7 @@ class Runner:
 
     def __init__(self, bundle: Union[PathLike, BundleManifest], backend: Any = "auto", *,
                  threads: Optional[int] = None, window: int = 5,
-                 clip_frames: Optional[int] = None,
+                 clip_frames: Union[int, str, None] = None, memory_gb: float = 4.0,
                  class_names: Optional[Sequence[str]] = None,
                  category_ids: Optional[Sequence[int]] = None, quiet: bool = False,
                  stream: Optional[TextIO] = None, prefetch_frames: int = 8,
@@ -459,8 +459,10 @@ class Runner:
                  verify: bool = True, host_blas_threads: Optional[int] = 1):
         if int(window) < 1:
             raise InputError(f"--window must be >= 1, got {window}")
-        if clip_frames is not None and int(clip_frames) < 1:
-            raise InputError(f"--clip-frames must be >= 1, got {clip_frames}")
+        if clip_frames == 0:
+            clip_frames = None
+        if clip_frames not in (None, "auto") and int(clip_frames) < 1:
+            raise InputError(f"--clip-frames must be 'auto', 0 or >= 1, got {clip_frames}")
         if threads is not None and int(threads) < 1:
             raise InputError(f"--threads must be >= 1, got {threads}")
         self.manifest = bundle if isinstance(bundle, BundleManifest) else \
@@ -491,7 +493,8 @@ class Runner:
         self.pipeline = OfflinePipeline(self.backend, self.settings, constants,
                                         window=int(window),
                                         upsampler=MaskUpsampler(intra_op_threads=threads or 0))
-        self.clip_frames = None if clip_frames is None else int(clip_frames)
+        self.clip_frames = clip_frames if clip_frames in (None, "auto") else int(clip_frames)
+        self.memory_gb = float(memory_gb)
         self.class_names = list(class_names) if class_names else (
             list(self.manifest.config.class_names) if self.manifest.config.class_names else None)
         self.category_ids = list(category_ids) if category_ids else None
@@ -521,6 +524,24 @@ class Runner:
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
     # -- one video -----------------------------------------------------------------------------
+    def auto_clip_frames(self, source: VideoSource) -> Optional[int]:
+        """Clip length for ``--clip-frames auto``: None (one clip, the official behaviour)
+        when the whole video's per-frame state fits in ``memory_gb``, else the number of
+        frames that does. Per frame the pipeline keeps the mask features (D x Hp/4 x Wp/4
+        float32), the resized frame and the small embeds; an unknown frame count counts as
+        long."""
+        from .preprocess import padded_shape, resize_shortest_edge_shape
+
+        c = self.manifest.config
+        h, w = resize_shortest_edge_shape(source.size[0], source.size[1], c.min_size_test,
+                                          c.max_size_test)
+        hp, wp = padded_shape(h, w, c.size_divisibility)
+        per_frame = c.mask_dim * (hp // 4) * (wp // 4) * 4 + h * w * 3 + \
+            3 * c.num_queries * c.hidden_dim * 4
+        fit = max(self.pipeline.window, int(self.memory_gb * (1 << 30) // per_frame))
+        n = source.num_frames
+        return None if n is not None and n <= fit else fit
+
     def run_source(self, job: VideoJob, source: VideoSource,
                    overlay: Optional[PathLike] = None) -> VideoOutcome:
         """Run one opened video: pipeline, YouTube-VIS dicts, optional overlay.
@@ -535,11 +556,19 @@ class Runner:
                 stamps.append(f.pts_seconds)
                 yield f.rgb
 
+        clip_frames = self.clip_frames
+        if clip_frames == "auto":
+            clip_frames = self.auto_clip_frames(source)
+            if clip_frames is not None:
+                self.say(f"{job.name}: {source.num_frames or 'many'} frames at "
+                         f"{source.size[1]}x{source.size[0]}: processing in clips of "
+                         f"{clip_frames} frames to stay within --memory-gb {self.memory_gb:g} "
+                         "(tracks carry across clips; --clip-frames 0 for one clip)")
         t0 = time.perf_counter()
         try:
             with prefetch(source, max_queue=self.prefetch_frames) as frames:
                 result = self.pipeline.run_video(
-                    rgb_frames(frames), clip_frames=self.clip_frames,
+                    rgb_frames(frames), clip_frames=clip_frames,
                     on_frames=(bar.update if bar is not None else None))
         finally:
             if bar is not None:
@@ -592,6 +621,40 @@ class Runner:
         self.close()
 
 
+def check_outputs(jobs: Sequence[VideoJob], output: Optional[PathLike],
+                  overlays: Dict[int, Path]) -> None:
+    """Refuse output paths that would destroy an input or each other, and folders we cannot
+    write, before any video is decoded (a long batch must not die at its very last step).
+
+    Raises:
+        InputError: an output path is an input, two outputs share a path, or an output
+            folder is not writable (read-only, no permission, full).
+    """
+    import tempfile
+
+    inputs = {Path(j.path).resolve(): j for j in jobs if j.path is not None}
+    outs = ([("--output", Path(output))] if output is not None else []) + \
+        [("--overlay", p) for p in overlays.values()]
+    seen: Dict[Path, str] = {}
+    for flag, path in outs:
+        real = path.resolve()
+        if real in inputs:
+            raise InputError(f"{flag} {path} is one of the inputs ({inputs[real].name}); "
+                             "choose another path, the input would be overwritten")
+        if real in seen:
+            raise InputError(f"{flag} {path} is also the {seen[real]} path; give each output "
+                             "its own file")
+        seen[real] = flag
+    for folder in {p.resolve().parent for _, p in outs}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".dvis-trt-write-test."):
+                pass
+        except OSError as exc:
+            raise InputError(f"cannot write into {folder}: {exc.strerror or exc}; choose "
+                             "another output folder (nothing was run)") from None
+
+
 def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLike],
                overlay: Optional[PathLike] = None, *, keep_going: bool = False) -> RunSummary:
     """Run every job; write ``output`` (all videos' results, one flat list) atomically at the end.
@@ -606,6 +669,7 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
         :class:`RunSummary` (results, failures, the written path).
     """
     overlays = overlay_paths(overlay, jobs)
+    check_outputs(jobs, output, overlays)
     outcomes: List[VideoOutcome] = []
     failures: List[Tuple[VideoJob, str]] = []
     total = len(jobs)

@@ -231,3 +231,36 @@ def test_demo_builds_everything_and_runs_it(tmp_path, capsys):
     assert len(results) == 10 and all(len(r["segmentations"]) == 4 for r in results)
     with av.open(str(d / "overlay.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 4
+
+
+def test_outputs_that_would_overwrite_an_input_or_each_other_are_refused(tiny_bundle, demo_mp4,
+                                                                         tmp_path, capsys):
+    video = tmp_path / "in.mp4"
+    video.write_bytes(demo_mp4.path.read_bytes())
+    before = video.read_bytes()
+    for extra in (["-o", str(tmp_path / "r.json"), "--overlay", str(video)],
+                  ["-o", str(video)],
+                  ["-o", str(tmp_path / "x.mp4"), "--overlay", str(tmp_path / "x.mp4")]):
+        rc = main(["run", str(tiny_bundle), str(video), "-q", *extra])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, err
+    assert video.read_bytes() == before
+    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_clip_frames_auto_is_one_clip_when_it_fits_and_clips_when_not(tiny_bundle, demo_mp4,
+                                                                      tmp_path, capsys):
+    one = tmp_path / "one.json"
+    auto = tmp_path / "auto.json"
+    assert main(["run", str(tiny_bundle), str(demo_mp4.path), "-q", "-o", str(one),
+                 "--clip-frames", "0"]) == 0
+    assert main(["run", str(tiny_bundle), str(demo_mp4.path), "-q", "-o", str(auto)]) == 0
+    assert json.loads(one.read_text()) == json.loads(auto.read_text())
+    small = tmp_path / "small.json"
+    assert main(["run", str(tiny_bundle), str(demo_mp4.path), "-o", str(small),
+                 "--memory-gb", "0.0005"]) == 0
+    cap = capsys.readouterr()
+    assert "processing in clips of" in cap.out + cap.err
+    data = json.loads(small.read_text())
+    scores = [d["score"] for d in data]
+    assert scores == sorted(scores, reverse=True)  # merged clips come back best first
