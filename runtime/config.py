@@ -422,7 +422,7 @@ def load_config(path: Union[str, os.PathLike],
             ``{"MODEL": {"WEIGHTS": "x.pth"}}``; applied last (official ``merge_from_list``).
 
     Returns:
-        :class:`Config` (read-only), ``source`` = ``str(path)``.
+        :class:`Config` (read-only), ``source`` = the absolute path of the file (so a bundle can find it from anywhere).
 
     Raises:
         InputError: missing file or missing ``_BASE_`` file (naming the file that referenced
@@ -444,7 +444,7 @@ def load_config(path: Union[str, os.PathLike],
     tree = copy.deepcopy(_defaults_tree())
     _merge_into(tree, loaded, origin)
     _apply_overrides(tree, overrides)
-    return Config(tree, source=filename)
+    return Config(tree, source=os.path.abspath(filename))
 
 
 # ----------------------------------------------------------------------------------------------
