@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'plugin' our custom node (TensorRT plugin / ORT CPU twin), "
                              "'trt-builtin' TensorRT's MultiscaleDeformableAttnPlugin_TRT "
                              "(default: onnx)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="precision the graphs say to run in (TensorRT builds strongly typed "
+                             "networks): fp16/bf16 keep LayerNorm, Softmax, reductions, attention "
+                             "logits and MSDA sampling coordinates in fp32 (default fp32)")
     parser.add_argument("--opset", type=int, default=17,
                         help="ONNX opset, 16..20 (default 17)")
     parser.add_argument("--window", type=int, default=5, metavar="T",
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     manifest = export_from_checkpoint(
         args.config_file, args.checkpoint, args.output, msda=args.msda, opset=args.opset,
+        precision=args.precision,
         window=args.window, overrides=list(args.opts or []), example_size=size,
         allow_unsafe_pickle=args.allow_unsafe_pickle, seed=args.seed,
         progress=lambda line: print(line, flush=True))

@@ -484,7 +484,7 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
                   opset: int = DEFAULT_OPSET, window: int = 5, *,
                   example_size: Optional[Tuple[int, int]] = None,
                   stages: Optional[Iterable[str]] = None, fold: bool = True, seed: int = 0,
-                  config_overrides: Sequence[str] = (),
+                  config_overrides: Sequence[str] = (), precision: str = "fp32",
                   progress: Optional[Callable[[str], None]] = None) -> BundleManifest:
     """Export ``model`` (a :class:`DvisDaqOffline` with weights loaded) to the bundle ``out_dir``.
 
@@ -518,6 +518,8 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
         raise InputError(f"--opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
                          f"(GridSample needs 16; the TorchScript exporter stops at {MAX_OPSET})")
     say = progress or (lambda line: log.info("%s", line))
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise InputError(f"--precision {precision!r}: use fp32, fp16 or bf16")
     values = bundle_values(cfg)
     config = BundleConfig.from_dict(values)
     wanted = tuple(STAGE_NAMES if stages is None else stages)
@@ -564,6 +566,13 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
             ins, outs = specs[stage]
             rep = export_stage(mods[stage], stage, examples[stage], tmp / f"{stage}.onnx",
                                inputs=ins, outputs=outs, msda=msda, opset=opset, fold=fold)
+            if precision != "fp32":
+                # strongly typed engines run what the graph says: cast with a well-kept
+                # converter, LayerNorm/Softmax/reductions/attention logits/MSDA coordinates
+                # kept in fp32 (dvis_trt.engine.precision); graph I/O stays float32
+                from dvis_trt.engine.precision import convert_file
+                convert_file(tmp / f"{stage}.onnx", tmp / f"{stage}.onnx", precision)
+                say(f"{stage}: converted to {precision}")
             reports[stage] = rep
             entries[stage] = StageSpec(stage, rep.file, "0" * 64, tuple(ins), tuple(outs))
             say(f"{stage}: {rep.bytes / 1e6:.1f} MB, {rep.nodes} nodes, {rep.seconds:.1f} s")
@@ -572,7 +581,7 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
             f.flush()
             os.fsync(f.fileno())
         manifest = BundleManifest(
-            config=config, stages=entries, msda=msda, precision="fp32",
+            config=config, stages=entries, msda=msda, precision=precision,
             producer=_producer(opset, reports, dims, msda, config_overrides),
             constants=ConstantsSpec(CONSTANTS_FILE, "0" * 64,
                                     {k: tuple(int(x) for x in v.shape) for k, v in arrays.items()}))
@@ -594,6 +603,7 @@ def export_from_checkpoint(config_file: Union[str, os.PathLike],
                            overrides: Optional[Sequence[str]] = None,
                            example_size: Optional[Tuple[int, int]] = None,
                            allow_unsafe_pickle: bool = False, seed: int = 0,
+                           precision: str = "fp32",
                            progress: Optional[Callable[[str], None]] = None) -> BundleManifest:
     """Load the config and the checkpoint (strictly) and :func:`export_bundle` the model.
 
@@ -611,5 +621,6 @@ def export_from_checkpoint(config_file: Union[str, os.PathLike],
     load_checkpoint(model, checkpoint, strict=True, config_name=os.fspath(config_file),
                     allow_unsafe_pickle=allow_unsafe_pickle)
     return export_bundle(model, cfg, out_dir, msda=msda, opset=opset, window=window,
+                         precision=precision,
                          example_size=example_size, seed=seed,
                          config_overrides=list(overrides or ()), progress=progress)
