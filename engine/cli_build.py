@@ -6,16 +6,9 @@ import argparse
 from dvis_trt.runtime.errors import InputError
 
 from .profiles import RESOLUTION_PRESETS, BuildLimits
+from dvis_trt.runtime.cli import positive_int as _positive
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
-    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

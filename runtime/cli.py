@@ -32,6 +32,17 @@ COMMANDS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (shared by the sub-commands' options)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _load(name: str):
     module_name = COMMANDS[name][0]
     try:
@@ -47,8 +58,15 @@ def _load(name: str):
             f"install it (pip install 'dvis-trt[{extra}]')") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the house rule for bad input), usage on --help only."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dvis-trt",
         description="Deployment-optimized inference for DVIS-DAQ offline video instance "
                     "segmentation.")

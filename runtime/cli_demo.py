@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from .cli import positive_int as _positive
 
 __all__ = ["add_arguments", "run", "CONFIGS", "DISCLAIMER"]
 
@@ -38,14 +39,6 @@ DISCLAIMER = (
     "  dvis-trt run bundle/ your_video.mp4 --output results.json --overlay overlay.mp4")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

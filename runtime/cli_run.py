@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from .errors import InputError
+from .cli import positive_int as _positive
 
 __all__ = ["add_arguments", "run", "OVERLAY_SUFFIXES"]
 
@@ -31,14 +32,6 @@ def _clip_frames(text: str):
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
