@@ -61,9 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build everything and run it; prints what it did, the summary, the paths and the
     random-weights disclaimer. Returns 0."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:  # runtime/ never imports torch itself
         from .errors import DependencyError
         raise DependencyError("'dvis-trt demo' builds its bundle with PyTorch, which is not "
                               "installed; pip install 'dvis-trt[export]' (running an existing "
