@@ -82,7 +82,12 @@ def select_topk(pred_logits: np.ndarray, max_num: int) -> Tuple[np.ndarray, np.n
     return flat[order].astype(np.float32), (order % k).astype(np.int64), (order // k).astype(np.int64)
 
 
+MASK_UPSAMPLE_GRAPH = "mask_upsample.onnx"  # shipped beside this file: no onnx needed at run time
+
+
 def _resize_graph_bytes() -> bytes:
+    """The mask-upsampling graph, built with ``onnx.helper`` (regenerates the shipped
+    ``mask_upsample.onnx``; ``tests/test_postprocess.py`` checks the two are identical)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -127,8 +132,15 @@ class MaskUpsampler:
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3
-        self._sess = ort.InferenceSession(_resize_graph_bytes(), opts,
-                                          providers=["CPUExecutionProvider"])
+        import os
+
+        shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), MASK_UPSAMPLE_GRAPH)
+        if os.path.isfile(shipped):
+            with open(shipped, "rb") as f:
+                graph = f.read()
+        else:  # a source tree without the file: build it (needs the onnx package)
+            graph = _resize_graph_bytes()
+        self._sess = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, logits: np.ndarray, padded_size: Tuple[int, int],
                  image_size: Tuple[int, int], out_size: Tuple[int, int]) -> np.ndarray:

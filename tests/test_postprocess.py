@@ -66,3 +66,12 @@ def test_minvis_link_matches_official_style_loop():
     # the link recovers the identity of the shuffled queries
     for i in range(1, t):
         assert np.abs(linked[i] - linked[0]).max() < 0.5
+
+
+def test_shipped_upsample_graph_is_the_generated_one():
+    from pathlib import Path
+
+    from dvis_trt.runtime import postprocess
+
+    shipped = Path(postprocess.__file__).with_name(postprocess.MASK_UPSAMPLE_GRAPH)
+    assert shipped.read_bytes() == postprocess._resize_graph_bytes()
