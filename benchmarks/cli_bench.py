@@ -87,6 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parity-score-atol", type=float, default=1e-2,
                         help="max |score difference| of paired instances (fp32; default 1e-2; "
                              "reduced-precision rows use 5e-2)")
+    parser.add_argument("--profile-ops", action="store_true",
+                        help="also profile one stage by op type in each backend (ORT's profiler, "
+                             "torch.profiler): where that stage's time goes")
+    parser.add_argument("--profile-stage", default="segmenter",
+                        help="stage for --profile-ops (default segmenter)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the pipeline vs frames and vs resolution")
     parser.add_argument("--sweep-frames", default="12,48,192", help="frames sweep (12,48,192)")
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         stages=not args.no_stages, flops=not args.no_flops, gemm_seconds=args.gemm_seconds,
         gemm_sizes=parse_int_list(args.gemm_sizes, "--gemm-sizes"), memory=args.memory, parity_iou=args.parity_iou,
         parity_score_atol=args.parity_score_atol, sweep=args.sweep,
+        profile_ops=args.profile_ops, profile_stage=args.profile_stage,
         sweep_frames=parse_int_list(args.sweep_frames, "--sweep-frames"),
         sweep_sizes=parse_int_list(args.sweep_sizes, "--sweep-sizes"),
         sweep_backends=[b.strip() for b in args.sweep_backends.split(",")]

@@ -50,6 +50,7 @@ __all__ = [
     "MemorySampler", "gemm_rate", "Instances", "RunOutput", "EagerRunner", "PipelineRunner",
     "compare_instances", "alternate", "RecordingBackend", "capture_stage_inputs",
     "bench_stages", "BenchOptions", "run_bench", "decode_video", "load_constants",
+    "profile_ort_stage", "profile_torch_stage",
 ]
 
 SCHEMA = "dvis-trt-bench/1"
@@ -958,6 +959,73 @@ def bench_stages(backends: Mapping[str, Any], samples: Mapping[str, Mapping[str,
 
 
 # =============================================================================================
+# where a stage's time goes, by op type
+# =============================================================================================
+def _top(agg: Mapping[str, float], counts: Mapping[str, int], top: int) -> Dict[str, Any]:
+    total = sum(agg.values())
+    ops = sorted(agg.items(), key=lambda kv: -kv[1])
+    return {"total_s": total,
+            "ops": [{"op": k, "s": v, "share": (v / total if total else 0.0),
+                     "calls": int(counts.get(k, 0))} for k, v in ops[:top]]}
+
+
+def profile_ort_stage(manifest, stage: str, inputs: Mapping[str, np.ndarray], threads: int,
+                      top: int = 12) -> Dict[str, Any]:
+    """Kernel time per ONNX op type of one ``stage`` call in ONNX Runtime (CPU), from ORT's own
+    profiler: a fresh session (same threads, all optimisations, the MSDA CPU twin for plugin
+    bundles), one warm-up call, one profiled call. Returns ``{"total_s", "ops": [{"op", "s",
+    "share", "calls"}]}`` (op types after ORT's fusions, e.g. ``FusedMatMul``)."""
+    import tempfile
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if manifest.msda == "plugin":
+        from dvis_trt.plugins.ort_op import session_options
+        so = session_options(so)
+    with tempfile.TemporaryDirectory() as tmp:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "ort")
+        sess = ort.InferenceSession(str(manifest.stage_path(stage)), so,
+                                    providers=["CPUExecutionProvider"])
+        feed = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        sess.run(None, feed)
+        sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    t0 = runs[-1]["ts"] if runs else 0
+    agg: Dict[str, float] = {}
+    cnt: Dict[str, int] = {}
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") \
+                and e.get("ts", 0) >= t0:
+            op = e.get("args", {}).get("op_name", "?")
+            agg[op] = agg.get(op, 0.0) + e.get("dur", 0) / 1e6
+            cnt[op] = cnt.get(op, 0) + 1
+    return _top(agg, cnt, top)
+
+
+def profile_torch_stage(model, stage: str, inputs: Mapping[str, np.ndarray],
+                        top: int = 12) -> Dict[str, Any]:
+    """Self CPU time per aten op of one eager ``stage`` call (``torch.profiler``; one warm-up
+    call first). Same return layout as :func:`profile_ort_stage`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from dvis_trt.export.model.msda import msda_mode
+    from dvis_trt.export.stages import build_stages, stage_input_names
+    mod = build_stages(model)[stage]
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in stage_input_names(stage)]
+    with torch.no_grad(), msda_mode("eager"):
+        mod(*args)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            mod(*args)
+    agg = {k.key: k.self_cpu_time_total / 1e6 for k in prof.key_averages()}
+    cnt = {k.key: k.count for k in prof.key_averages()}
+    return _top(agg, cnt, top)
+
+
+# =============================================================================================
 # the whole benchmark
 # =============================================================================================
 @dataclass
@@ -986,6 +1054,8 @@ class BenchOptions:
     memory: str = "inprocess"
     parity_iou: float = FP32_PARITY["iou_min"]
     parity_score_atol: float = FP32_PARITY["score_atol"]
+    profile_ops: bool = False
+    profile_stage: str = "segmenter"
     sweep: bool = False
     sweep_frames: Sequence[int] = (12, 48, 192)
     sweep_sizes: Sequence[int] = (360, 480, 720)
@@ -1313,6 +1383,21 @@ def run_bench(opts: BenchOptions) -> Dict[str, Any]:
         stage_res = bench_stages(stage_backends, recorder.samples, iters=opts.stage_iters,
                                  warmup=1, budget_s=opts.stage_budget, sync=syncs)
 
+    # ---- op-type profile of one stage (where its time goes inside each backend)
+    op_profile: Dict[str, Any] = {}
+    if opts.profile_ops and recorder is not None and opts.profile_stage in recorder.samples:
+        st_in = recorder.samples[opts.profile_stage]
+        log(f"op-type profile of {opts.profile_stage} ...")
+        if model is not None and "torch" in runners:
+            op_profile["torch"] = profile_torch_stage(model, opts.profile_stage, st_in)
+        for k in timed:
+            if rows[k]["backend"] == "ort":
+                man = next(m for m in manifests if str(m.root) == rows[k]["bundle"])
+                op_profile[k] = profile_ort_stage(man, opts.profile_stage, st_in, threads)
+        op_profile = {"stage": opts.profile_stage,
+                      "inputs": {k: list(v.shape) for k, v in st_in.items()},
+                      "backends": op_profile}
+
     # ---- GEMM rate + FLOPs
     log("GEMM probe ...")
     gemm = gemm_rate(threads, sizes=opts.gemm_sizes, seconds=opts.gemm_seconds)
@@ -1393,6 +1478,7 @@ def run_bench(opts: BenchOptions) -> Dict[str, Any]:
         "e2e": rows,
         "ratios": ratios,
         "stages": stage_res,
+        "op_profile": op_profile,
         "gemm": gemm,
         "flops": flops_res,
     }

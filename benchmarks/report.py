@@ -239,6 +239,21 @@ def markdown(rec: Mapping[str, Any]) -> str:
                              f"{_ms(v['p99'])} | {v['n']} | {_f(v.get('throughput_fps'), '.2f')} "
                              f"| {_f(fl.get('gemm_gflops'), '.2f')} | "
                              f"{_f(v.get('x_compute_bound'), '.1f')} | {rt} |")
+    # ---- op profile
+    op = rec.get("op_profile") or {}
+    if op.get("backends"):
+        lines.append("")
+        lines.append(f"## {op['stage']} by op type (one call, inputs "
+                     + ", ".join(f"{k} {tuple(v)}" for k, v in op["inputs"].items()) + ")")
+        lines.append("")
+        lines.append("ONNX Runtime: kernel time per op type from its profiler (after its fusions); "
+                     "torch: self CPU time per aten op (torch.profiler). Profilers add overhead; "
+                     "read the shares, not the totals.")
+        for name, prof in op["backends"].items():
+            lines.append("")
+            lines.append(f"**{name}** (total {prof['total_s']:.2f} s): " + ", ".join(
+                f"{o['op']} {o['s']:.2f} s ({o['share'] * 100:.0f}%, {o['calls']} calls)"
+                for o in prof["ops"][:10]) + ".")
     # ---- flops
     fl = rec.get("flops") or {}
     g = rec.get("gemm") or {}

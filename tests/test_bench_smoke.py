@@ -186,7 +186,7 @@ def _bench(bundle, video, out, *extra):
 def test_bench_cli_writes_json_markdown_png_with_the_schema(tiny_bundle, tmp_path, capsys):
     bundle, video = tiny_bundle
     out = tmp_path / "out"
-    assert _bench(bundle, video, out) == 0
+    assert _bench(bundle, video, out, "--profile-ops") == 0
     hist = json.loads((out / "bench.json").read_text())
     assert hist["schema"] == "dvis-trt-bench/1" and len(hist["runs"]) == 1
     rec = hist["runs"][0]
@@ -212,6 +212,11 @@ def test_bench_cli_writes_json_markdown_png_with_the_schema(tiny_bundle, tmp_pat
             assert stat_keys <= set(res[backend]) and res[backend]["n"] == 1
         assert res["_flops"]["gemm_gflops"] > 0
     assert rec["gemm"]["best"]["gflops"] > 0
+    prof = rec["op_profile"]
+    assert prof["stage"] == "segmenter" and set(prof["backends"]) == {"torch", "ort"}
+    for p in prof["backends"].values():
+        assert p["ops"] and sum(o["share"] for o in p["ops"]) <= 1 + 1e-9
+    assert "Conv" in {o["op"] for o in prof["backends"]["ort"]["ops"]}
     fl = rec["flops"]["stages"]
     assert set(fl) == set(harness.ENGINE_STAGES)
     assert fl["segmenter"]["calls"] == 2  # 6 frames in windows of 5
@@ -220,6 +225,7 @@ def test_bench_cli_writes_json_markdown_png_with_the_schema(tiny_bundle, tmp_pat
 
     md = (out / "bench.md").read_text()
     assert "## End to end" in md and "| ort | OK" in md and "## FLOPs per frame" in md
+    assert "## segmenter by op type" in md
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.pyplot as plt
