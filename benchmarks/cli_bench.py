@@ -64,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use the first N frames of the video (default: all)")
     parser.add_argument("--window", type=int, default=5, metavar="T",
                         help="frames per segmenter call (default 5, the official window)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per backend (default 1)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs per backend (default 1; the first one is also the "
+                             "parity run, so one is always made)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed end-to-end rounds per backend, alternating (default 3)")
     parser.add_argument("--stage-iters", type=int, default=10,

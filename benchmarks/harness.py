@@ -815,9 +815,15 @@ def make_pipeline_runner(name: str, manifest, *, model=None, threads: int,
 # =============================================================================================
 # A/B alternation
 # =============================================================================================
+#: pause between two timed calls of different backends: ONNX Runtime's intra-op threads keep
+#: spinning for a moment after a call, which slowed the next eager PyTorch call by 15-25% in
+#: back-to-back R50 tracker_step / refiner runs on 2 cores; 0.2 s removes it.
+SETTLE_S = 0.2
+
+
 def alternate(runs: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 0,
-              on_run: Optional[Callable[[str, int, float], None]] = None
-              ) -> Dict[str, List[float]]:
+              on_run: Optional[Callable[[str, int, float], None]] = None,
+              settle_s: float = SETTLE_S) -> Dict[str, List[float]]:
     """Run each callable ``rounds`` times, interleaved: round r runs them in the given order
     when r is even and in reverse when odd (ABBA...), so slow drift of the machine and the
     cost of going first cancel in per-round ratios. Each callable returns its own measured
@@ -829,6 +835,8 @@ def alternate(runs: Mapping[str, Callable[[], float]], rounds: int, warmup: int 
     out: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(max(1, rounds)):
         for n in (names if r % 2 == 0 else names[::-1]):
+            if settle_s > 0 and len(names) > 1:
+                time.sleep(settle_s)
             sec = float(runs[n]())
             out[n].append(sec)
             if on_run:
@@ -905,12 +913,14 @@ def _frames_per_call(stage: str, inputs: Mapping[str, np.ndarray]) -> int:
 def bench_stages(backends: Mapping[str, Any], samples: Mapping[str, Mapping[str, np.ndarray]],
                  iters: int = 10, warmup: int = 1, budget_s: float = 30.0, min_iters: int = 3,
                  sync: Optional[Mapping[str, Callable[[], None]]] = None,
-                 stages: Sequence[str] = ENGINE_STAGES) -> Dict[str, Dict[str, Any]]:
+                 stages: Sequence[str] = ENGINE_STAGES,
+                 settle_s: float = SETTLE_S) -> Dict[str, Dict[str, Any]]:
     """Time every stage on the same captured inputs with each backend (``backend.run`` on host
     arrays), backends alternated per iteration.
 
     Iterations per stage: ``iters``, reduced (to at least ``min(min_iters, iters)``) so that one stage
     takes about ``budget_s`` seconds with the slowest backend (the warm-up run sets the pace).
+    A pause of ``settle_s`` precedes every timed call (see :data:`SETTLE_S`).
     Returns stage -> backend -> :func:`summarize` stats + ``frames_per_call`` and
     ``throughput_fps``; also stage -> ``"_ratios"`` -> "b/a" per-iteration ratio summaries
     against the first backend.
@@ -935,6 +945,8 @@ def bench_stages(backends: Mapping[str, Any], samples: Mapping[str, Mapping[str,
         times: Dict[str, List[float]] = {n: [] for n in names}
         for it in range(n_iter):
             for n in (names if it % 2 == 0 else names[::-1]):
+                if settle_s > 0 and len(names) > 1:
+                    time.sleep(settle_s)  # see SETTLE_S
                 s = sync.get(n, lambda: None)
                 s()
                 t0 = time.perf_counter()

@@ -41,7 +41,7 @@ def test_summarize_matches_hand_computed_percentiles():
 def test_alternate_reverses_the_order_every_round():
     calls = []
     runs = {n: (lambda n=n: calls.append(n) or 1.0) for n in ("A", "B", "C")}
-    out = harness.alternate(runs, rounds=3, warmup=1)
+    out = harness.alternate(runs, rounds=3, warmup=1, settle_s=0)
     assert calls == ["A", "B", "C"] + ["A", "B", "C", "C", "B", "A", "A", "B", "C"]
     assert out == {"A": [1.0] * 3, "B": [1.0] * 3, "C": [1.0] * 3}
     r = harness.ratio_summary([2.0, 1.0, 3.0])
