@@ -90,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="in a batch, also skip videos that fail for other reasons than "
                              "being unreadable (stage errors, out of memory) instead of "
                              "stopping; unreadable videos are always reported and skipped")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                        help="each finished video is committed at once to <output>.shards/; "
+                             "a later run with the same --output skips the videos finished "
+                             "with the same bundle and options (default: on when that folder "
+                             "exists). --no-resume runs every video again")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of the bundle files")
     parser.add_argument("--quiet", "-q", action="store_true",
@@ -124,5 +129,6 @@ def run(args: argparse.Namespace) -> int:
                 quiet=args.quiet, overlay_min_score=args.overlay_min_score,
                 providers=args.providers, checkpoint=args.checkpoint,
                 config_file=args.config_file) as runner:
-        summary = run_videos(runner, jobs, args.output, args.overlay, keep_going=args.keep_going)
+        summary = run_videos(runner, jobs, args.output, args.overlay, keep_going=args.keep_going,
+                             resume=args.resume, key_options={"lenient": bool(args.lenient)})
     return summary.exit_code

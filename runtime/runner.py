@@ -33,7 +33,7 @@ from .errors import BundleError, DependencyError, DvisTrtError, InputError
 from .manifest import BundleManifest, load_manifest
 from .pipeline import FILL_ID_BASE, OfflinePipeline, PipelineSettings, VideoResult
 from .postprocess import MaskUpsampler
-from .results import InstanceTrack, write_results, ytvis_results
+from .results import InstanceTrack, ytvis_results
 from .video import (IMAGE_EXTENSIONS, VideoSource, load_ytvis_videos, natural_sort_key,
                     open_source, prefetch)
 
@@ -396,6 +396,14 @@ class VideoOutcome:
     def fps(self) -> float:
         return self.result.num_frames / self.seconds if self.seconds > 0 else float("inf")
 
+    def summary(self, line: str = "") -> Dict[str, Any]:
+        """What a video's shard records besides its results (JSON types)."""
+        r = self.result
+        return {"name": self.job.name, "frames": int(r.num_frames),
+                "size": [int(x) for x in r.image_size], "tracks": int(r.num_tracks),
+                "instances": int(len(r.scores)), "seconds": round(float(self.seconds), 6),
+                "line": line}
+
 
 @dataclass
 class RunSummary:
@@ -507,6 +515,17 @@ class Runner:
         self.stream = stream
         self.prefetch_frames = int(prefetch_frames)
         self.overlay_min_score = float(overlay_min_score)
+        self.backend_name = backend if isinstance(backend, str) else self.backend_desc
+        self.providers = providers
+
+    def shard_key(self, **extra: Any) -> str:
+        """Key of this run's shards (:func:`~dvis_trt.runtime.shards.key_for_run`)."""
+        from .shards import key_for_run
+
+        return key_for_run(self.manifest.root, backend=self.backend_name,
+                           providers=self.providers, window=self.pipeline.window,
+                           clip_frames=self.clip_frames, memory_gb=self.memory_gb,
+                           category_ids=self.category_ids, **extra)
 
     # -- output helpers ----------------------------------------------------------------------
     def say(self, line: str) -> None:
@@ -656,8 +675,16 @@ def check_outputs(jobs: Sequence[VideoJob], output: Optional[PathLike],
 
 
 def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLike],
-               overlay: Optional[PathLike] = None, *, keep_going: bool = False) -> RunSummary:
+               overlay: Optional[PathLike] = None, *, keep_going: bool = False,
+               resume: Optional[bool] = None,
+               key_options: Optional[Dict[str, Any]] = None) -> RunSummary:
     """Run every job; write ``output`` (all videos' results, one flat list) atomically at the end.
+
+    Each finished video is committed at once as a shard in ``<output>.shards/``
+    (:mod:`~dvis_trt.runtime.shards`) and ``output`` is their merge in input order, so an
+    aborted run keeps its finished videos. ``resume`` (None: when that folder exists) skips
+    videos whose shard matches this bundle, these options (``key_options`` adds the caller's,
+    e.g. ``lenient``) and the video file; False runs every video again.
 
     A video that cannot be read — missing, empty, not a video, no frames, corrupt or truncated
     midway — is reported on one line and skipped; the others still run and the summary's exit
@@ -668,44 +695,54 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
     Returns:
         :class:`RunSummary` (results, failures, the written path).
     """
+    from .shards import open_journal, video_identity
+
     overlays = overlay_paths(overlay, jobs)
     check_outputs(jobs, output, overlays)
     outcomes: List[VideoOutcome] = []
     failures: List[Tuple[VideoJob, str]] = []
     total = len(jobs)
     runner.say(f"backend: {runner.backend_desc}")
-    for i, job in enumerate(jobs):
-        try:
-            source = job.open()
-            out = runner.run_source(job, source, overlays.get(i))
-        except InputError as exc:
-            if total == 1:
-                raise
-            failures.append((job, str(exc)))
-            print(f"dvis-trt: skipped [{i + 1}/{total}] {job.name}: {exc}", file=sys.stderr,
-                  flush=True)
-            continue
-        except (DvisTrtError, MemoryError, RuntimeError, ValueError) as exc:
-            if not keep_going or total == 1:
-                raise
-            failures.append((job, f"{type(exc).__name__}: {exc}"))
-            print(f"dvis-trt: skipped [{i + 1}/{total}] {job.name}: {type(exc).__name__}: "
-                  f"{exc}", file=sys.stderr, flush=True)
-            continue
-        outcomes.append(out)
-        runner.say(runner.summary_line(out, i, total))
-    if not outcomes:
-        raise InputError(f"none of the {total} videos could be processed (see the lines "
-                         "above); nothing was written")
-    results = [d for o in outcomes for d in o.results]
-    written = None
-    if output is not None:
-        written = write_results(output, results)
-    summary = RunSummary(outcomes=outcomes, failures=failures, output=written,
-                         backend=runner.backend_desc, results=results)
+    journal = open_journal(output, runner.shard_key(**(key_options or {})) if output is not None
+                           else "", [video_identity(j.name, j.video_id, j.path) for j in jobs],
+                           resume, runner.say)
+    with journal:  # each finished video is a shard at once; an abort says how to resume
+        for i, job in enumerate(jobs):
+            if journal.done(i):  # finished by an earlier run (its shard matches)
+                continue
+            try:
+                source = job.open()
+                out = runner.run_source(job, source, overlays.get(i))
+            except InputError as exc:
+                if total == 1:
+                    raise
+                failures.append((job, str(exc)))
+                print(f"dvis-trt: skipped [{i + 1}/{total}] {job.name}: {exc}", file=sys.stderr,
+                      flush=True)
+                continue
+            except (DvisTrtError, MemoryError, RuntimeError, ValueError) as exc:
+                if not keep_going or total == 1:
+                    raise
+                failures.append((job, f"{type(exc).__name__}: {exc}"))
+                print(f"dvis-trt: skipped [{i + 1}/{total}] {job.name}: {type(exc).__name__}: "
+                      f"{exc}", file=sys.stderr, flush=True)
+                continue
+            outcomes.append(out)
+            line = runner.summary_line(out, i, total)
+            journal.commit(i, out.results, out.summary(line))
+            runner.say(line)
+        if not outcomes and not journal.resumed:
+            raise InputError(f"none of the {total} videos could be processed (see the lines "
+                             "above); nothing was written")
+        results = journal.results()
+        written = journal.write(output, results)
+        summary = RunSummary(outcomes=outcomes, failures=failures, output=written,
+                             backend=runner.backend_desc, results=results)
     frames = sum(o.result.num_frames for o in outcomes)
     seconds = sum(o.seconds for o in outcomes)
     tail = f"; {len(failures)} of {total} videos skipped" if failures else ""
+    if journal.resumed:
+        tail += f"; {len(journal.resumed)} finished earlier (resumed)"
     where = f" -> {written}" if written is not None else ""
     runner.say(f"{len(outcomes)} video(s), {frames} frames in {seconds:.1f} s "
                f"({frames / seconds if seconds > 0 else 0:.1f} frames/s), "
