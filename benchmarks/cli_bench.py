@@ -121,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in str(args.backends).split(",") if b.strip()]
     old = load_runs(args.compare)[-1] if args.compare else None  # fail early on a bad file
     out_dir = Path(args.out)
+    from dvis_trt.outputs import check_outputs  # the output-safety rule, before anything runs
+    check_outputs([("--json", args.json or out_dir / "bench.json"),
+                   ("--markdown", args.markdown or out_dir / "bench.md"),
+                   ("--plot", args.plot or out_dir / "bench.png")],
+                  [*(("--bundle", b) for b in args.bundle), ("--video", args.video),
+                   ("--checkpoint", args.checkpoint), ("--config-file", args.config_file)])
     argv = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else None
     opts = BenchOptions(
         bundles=list(args.bundle), video=args.video, backends=backends,

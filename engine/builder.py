@@ -23,14 +23,13 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from dvis_trt.runtime.errors import BundleError, DependencyError
+from dvis_trt.runtime.errors import BundleError, DependencyError, InputError
 from dvis_trt.runtime.manifest import BundleManifest, load_manifest, sha256_file
 
-from .manifest import (ENGINES_DIR, EngineManifest, MachineInfo, StageEngine, engine_dir_name,
+from .manifest import (ENGINE_MANIFEST_NAME, ENGINES_DIR, EngineManifest, MachineInfo, StageEngine, engine_dir_name,
                        gpu_slug, load_engine_manifest, staleness_reasons, write_engine_manifest)
 from .profiles import BuildLimits, Profile, derive_profiles
 
@@ -154,11 +153,22 @@ def build_engines(bundle_dir: str | os.PathLike, limits: BuildLimits, *,
                 f"bundle uses --msda plugin but the TensorRT plugin library "
                 f"{plugin or '(not found)'} does not exist; run `dvis-trt build-plugins` or "
                 "pass --plugin-lib PATH")
+    from dvis_trt.outputs import check_outputs, clean_stale_temps, temp_path
+    # the output-safety rule: the engine folders may be replaced, so nothing we read may be
+    # in them (the plugin library) and no stage file may be one of them
+    check_outputs([("the engines folder", manifest.root / ENGINES_DIR)],
+                  [("--plugin-lib", plugin), *((f"stage '{s}'", manifest.stage_path(s))
+                                                for s in stage_names)],
+                  folders=("the engines folder",))
     trt = _trt()
     ptrt = _polygraphy_trt()
     machine = machine_info(device)
     root = manifest.root
     final = root / ENGINES_DIR / engine_dir_name(machine, manifest.precision)
+    if (final.exists() or final.is_symlink()) and \
+            not (final.is_dir() and (final / ENGINE_MANIFEST_NAME).is_file()):
+        raise InputError(f"{final} exists and is not an engine folder of ours (no "
+                         f"{ENGINE_MANIFEST_NAME}); move it away (nothing was changed)")
     plugin_sha = sha256_file(plugin) if plugin else None
     if final.is_dir() and not force:
         try:
@@ -170,7 +180,9 @@ def build_engines(bundle_dir: str | os.PathLike, limits: BuildLimits, *,
         except BundleError:
             pass
     (root / ENGINES_DIR).mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root / ENGINES_DIR))
+    clean_stale_temps(root / ENGINES_DIR)   # folders of killed builds
+    tmp = temp_path(final, keep_suffix=False)
+    tmp.mkdir()
     cache = timing_cache_path(root, machine)
     try:
         trt.init_libnvinfer_plugins(trt.Logger(trt.Logger.WARNING), "")
@@ -217,7 +229,7 @@ def build_engines(bundle_dir: str | os.PathLike, limits: BuildLimits, *,
         write_engine_manifest(tmp, em)
         old = None
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = temp_path(final.with_name(final.name + ".old"), keep_suffix=False)
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
-import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -246,6 +244,11 @@ def run(args: argparse.Namespace) -> int:
     from .onnx_export import example_dims
     from .sample_inputs import SampleDims
 
+    if args.json:  # the output-safety rule, before anything runs
+        from dvis_trt.outputs import check_outputs
+        check_outputs([("--json", args.json)],
+                      [("the bundle", args.bundle), ("--checkpoint", args.checkpoint),
+                       ("--config-file", args.config_file)])
     manifest = load_manifest(args.bundle)
     if "torch" in (args.backend, args.reference) and not args.checkpoint:
         raise InputError("the torch side of the check needs --checkpoint (the weights the "
@@ -293,12 +296,11 @@ def run(args: argparse.Namespace) -> int:
           f"{args.atol:g} + {args.rtol:g} * max|ref|)")
     print(format_table(rows))
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"bundle": str(manifest.root), "backend": args.backend,
-                       "reference": args.reference, "rtol": args.rtol, "atol": args.atol,
-                       "rows": [r.to_dict() for r in rows]}, f, indent=2)
-        os.replace(tmp, args.json)
+        from dvis_trt.runtime.results import atomic_write_json
+        atomic_write_json(args.json, {"bundle": str(manifest.root), "backend": args.backend,
+                                      "reference": args.reference, "rtol": args.rtol,
+                                      "atol": args.atol, "rows": [r.to_dict() for r in rows]},
+                          indent=2)
     failed = [r for r in rows if not r.ok]
     if failed:
         print(f"{len(failed)} of {len(rows)} outputs exceed the tolerance")

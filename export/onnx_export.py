@@ -19,20 +19,18 @@ flow, no data-dependent-shape ops, custom MSDA nodes only in the plugin modes, w
 
 The bundle is written into a temporary folder next to ``out_dir`` and swapped in at the end
 (:func:`replace_dir`), so a failed or interrupted export never leaves a half bundle, and a
-re-export into an existing bundle replaces it as a whole (TensorRT engines built for the old
-graphs under ``out_dir/engines`` go with it: they no longer match).
+re-export into an existing bundle replaces what it wrote (its marker lists it) and TensorRT
+engines built for the old graphs under ``out_dir/engines`` (they no longer match); files a user
+put beside the bundle stay, and a folder that is not a bundle of ours is refused
+(:mod:`dvis_trt.outputs`).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
-import errno
 import io
 import logging
 import os
-import secrets
 import shutil
 import time
 import warnings
@@ -397,59 +395,20 @@ def export_stage(module: nn.Module, stage: str, example: Mapping[str, np.ndarray
 # ---------------------------------------------------------------------------------------------
 # atomic folder replace
 # ---------------------------------------------------------------------------------------------
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"renameat2({a}, {b}) failed: {os.strerror(err)}")
-
-
 def replace_dir(new: Path, dest: Path) -> None:
-    """Put folder ``new`` at ``dest``, replacing an existing bundle there as a whole.
-
-    On Linux the swap is one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere ``dest`` is
-    renamed aside, ``new`` renamed in (the old one is restored if that fails). The old bundle is
-    deleted afterwards. ``new`` and ``dest`` must be on the same file system (callers create
-    ``new`` next to ``dest``).
+    """Put the finished bundle folder ``new`` at ``dest`` (see
+    :func:`dvis_trt.outputs.commit_folder`): a folder of ours is replaced (only the entries
+    its marker lists, plus ``engines/``, are deleted; a user's files beside them stay), a
+    missing or empty one is created.
 
     Raises:
-        InputError: ``dest`` exists and is a file, or a non-empty folder that is not a bundle
-            (no ``manifest.json``): we never delete what we did not write.
+        InputError: ``dest`` is a file, or a non-empty folder that is not a dvis-trt bundle
+            (no marker): we never delete what we did not write.
     """
-    new, dest = Path(new), Path(dest)
-    if dest.exists() or dest.is_symlink():
-        if not dest.is_dir() or dest.is_symlink():
-            raise InputError(f"output {dest} exists and is not a folder; choose another --output")
-        if not (dest / MANIFEST_NAME).is_file() and any(dest.iterdir()):
-            raise InputError(f"output folder {dest} is not empty and is not a dvis-trt bundle "
-                             "(no manifest.json); refusing to replace it, choose another --output")
-        if _exchange(new, dest):
-            shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old bundle
-            return
-        old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
-        os.rename(dest, old)
-        try:
-            os.rename(new, dest)
-        except BaseException:
-            os.rename(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, dest)
+    from dvis_trt.outputs import commit_folder, owned_entries
+
+    owned = owned_entries(dest, extra_owned=("engines",))
+    commit_folder(Path(new), Path(dest), owned)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,12 +486,10 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
     if unknown:
         raise InputError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGE_NAMES)}")
     dest = Path(out_dir).absolute()
-    if dest.exists() and not dest.is_dir():
-        raise InputError(f"output {dest} exists and is not a folder; choose another --output")
-    if dest.is_dir() and not (dest / MANIFEST_NAME).is_file() and any(dest.iterdir()):
-        raise InputError(f"output folder {dest} is not empty and is not a dvis-trt bundle "
-                         "(no manifest.json); refusing to replace it, choose another --output")
+    from dvis_trt.outputs import clean_stale_temps, owned_entries, temp_path, write_marker
+    owned_entries(dest, extra_owned=("engines",))   # refuses a file / a folder not ours
     dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(dest.parent)                     # folders of killed exports
 
     model.eval()
     mods = build_stages(model)
@@ -557,7 +514,7 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
     say(f"example inputs ({dims.frames}x3x{dims.height}x{dims.width} images, tQ={dims.tracks}, "
         f"L={dims.refiner_frames}) in {time.perf_counter() - t0:.1f} s")
 
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_path(dest, keep_suffix=False)
     tmp.mkdir()
     try:
         reports: Dict[str, StageReport] = {}
@@ -586,6 +543,7 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
             constants=ConstantsSpec(CONSTANTS_FILE, "0" * 64,
                                     {k: tuple(int(x) for x in v.shape) for k, v in arrays.items()}))
         write_manifest(tmp, manifest, hash_files=True)
+        write_marker(tmp, os.listdir(tmp))             # the entries a re-export may replace
         replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -616,6 +574,10 @@ def export_from_checkpoint(config_file: Union[str, os.PathLike],
     from .checkpoint import load_checkpoint
     from .model.build import build_model
 
+    from dvis_trt.outputs import check_outputs
+    check_outputs([("--output", out_dir)], [("--checkpoint", checkpoint),
+                                            ("--config-file", config_file)],
+                  folders=("--output",))
     cfg = load_config(config_file, overrides)
     model = build_model(cfg)
     load_checkpoint(model, checkpoint, strict=True, config_name=os.fspath(config_file),

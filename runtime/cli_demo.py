@@ -78,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
     from .synthetic import make_demo_video
 
     out = Path(args.output_dir).absolute()
+    from dvis_trt.outputs import owned_entries, write_marker
+    owned_entries(out, label="--output-dir")   # new, empty, or a demo folder of ours
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, [f"random_{args.config}_seed{args.seed}.pth", f"bundle_{args.config}",
+                       "demo.mp4", "results.json", "overlay.mp4"], kind="demo")
     quiet = bool(args.quiet)
 
     def say(line: str) -> None:

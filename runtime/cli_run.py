@@ -101,10 +101,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar and no summary lines (errors still go to stderr)")
 
 
+def read_paths(args: argparse.Namespace) -> list:
+    """``(option, path)`` of every file or folder ``run`` reads besides the videos (for the
+    output-safety rule, :func:`dvis_trt.outputs.check_outputs`)."""
+    from pathlib import Path
+
+    reads = [("the bundle", args.bundle), ("--ytvis-json", args.ytvis_json),
+             ("--ytvis-root", args.ytvis_root), ("--checkpoint", args.checkpoint),
+             ("--config-file", args.config_file)]
+    if args.class_names is not None and Path(args.class_names).is_file():
+        reads.append(("--class-names", args.class_names))
+    return [(label, p) for label, p in reads if p is not None]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the videos; returns 0, or 2 when some videos of a batch were skipped (errors that
     stop the run raise :class:`~dvis_trt.runtime.errors.DvisTrtError`)."""
-    from .runner import Runner, discover_inputs, load_class_names, run_videos
+    from .runner import (Runner, check_outputs, discover_inputs, load_class_names,
+                         overlay_paths, run_videos)
     from .manifest import load_manifest
 
     if args.overlay_min_score < 0 or args.overlay_min_score > 1:
@@ -121,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{', '.join(OVERLAY_SUFFIXES)} (or a folder for several videos)")
     jobs, category_ids = discover_inputs(args.inputs, args.ytvis_json, args.ytvis_root,
                                          strict=not args.lenient)
+    # the output-safety rule before anything is loaded or written (run_videos checks again)
+    check_outputs(jobs, args.output, overlay_paths(args.overlay, jobs), reads=read_paths(args))
     manifest = load_manifest(args.bundle, verify=not args.no_verify)
     names = load_class_names(args.class_names, manifest.config.num_classes,
                              manifest.config.class_names)
@@ -130,5 +146,6 @@ def run(args: argparse.Namespace) -> int:
                 providers=args.providers, checkpoint=args.checkpoint,
                 config_file=args.config_file) as runner:
         summary = run_videos(runner, jobs, args.output, args.overlay, keep_going=args.keep_going,
-                             resume=args.resume, key_options={"lenient": bool(args.lenient)})
+                             resume=args.resume, key_options={"lenient": bool(args.lenient)},
+                             reads=read_paths(args))
     return summary.exit_code

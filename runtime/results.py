@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +66,8 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 def atomic_output(path: PathLike, *, make_parents: bool = True) -> Iterator[Path]:
     """Write ``path`` atomically: yields a temporary path for the writer to create.
 
-    The temporary file is ``<folder>/.<name>.<random>.tmp<suffix>`` (same folder, so the
+    The temporary file is ``<folder>/.<name>.dvis-trt-tmp-<pid>-<random><suffix>``
+    (:func:`dvis_trt.outputs.temp_path`: within the 255-byte name limit; same folder, so the
     final rename is atomic; same suffix, so writers that pick a format by extension — PyAV,
     ``np.save``, ``onnx.save`` — still do). When the block ends normally the file is fsynced and
     renamed over ``path`` (``os.replace``) and the folder entry is fsynced. When the block
@@ -93,7 +93,8 @@ def atomic_output(path: PathLike, *, make_parents: bool = True) -> Iterator[Path
     parent = path.parent
     if make_parents:
         parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}"
+    from dvis_trt.outputs import temp_path  # recognisable, within NAME_MAX, cleaned if orphaned
+    tmp = temp_path(path)
     try:
         yield tmp
         if not tmp.exists():

@@ -641,9 +641,16 @@ class Runner:
 
 
 def check_outputs(jobs: Sequence[VideoJob], output: Optional[PathLike],
-                  overlays: Dict[int, Path]) -> None:
+                  overlays: Dict[int, Path],
+                  reads: Sequence[Tuple[str, Optional[PathLike]]] = ()) -> None:
     """Refuse output paths that would destroy an input or each other, and folders we cannot
     write, before any video is decoded (a long batch must not die at its very last step).
+
+    The rule is :func:`dvis_trt.outputs.check_outputs`: no output may be, or be inside, a
+    video, a frame folder, or anything in ``reads`` (the bundle, checkpoint, config file,
+    dataset json and image root, class-names file), symlinks and hard links resolved.
+    Temporaries of killed runs in the output folders are removed
+    (:func:`dvis_trt.outputs.clean_stale_temps`).
 
     Raises:
         InputError: an output path is an input, two outputs share a path, or an output
@@ -651,19 +658,13 @@ def check_outputs(jobs: Sequence[VideoJob], output: Optional[PathLike],
     """
     import tempfile
 
-    inputs = {Path(j.path).resolve(): j for j in jobs if j.path is not None}
+    from dvis_trt.outputs import check_outputs as check_rule, clean_stale_temps
+
+    inputs = [(f"input '{j.name}'", j.path) for j in jobs if j.path is not None]
+    inputs += [(label, p) for label, p in reads if p is not None]
     outs = ([("--output", Path(output))] if output is not None else []) + \
         [("--overlay", p) for p in overlays.values()]
-    seen: Dict[Path, str] = {}
-    for flag, path in outs:
-        real = path.resolve()
-        if real in inputs:
-            raise InputError(f"{flag} {path} is one of the inputs ({inputs[real].name}); "
-                             "choose another path, the input would be overwritten")
-        if real in seen:
-            raise InputError(f"{flag} {path} is also the {seen[real]} path; give each output "
-                             "its own file")
-        seen[real] = flag
+    check_rule(outs, inputs)
     for folder in {p.resolve().parent for _, p in outs}:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -672,12 +673,14 @@ def check_outputs(jobs: Sequence[VideoJob], output: Optional[PathLike],
         except OSError as exc:
             raise InputError(f"cannot write into {folder}: {exc.strerror or exc}; choose "
                              "another output folder (nothing was run)") from None
+        clean_stale_temps(folder)
 
 
 def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLike],
                overlay: Optional[PathLike] = None, *, keep_going: bool = False,
                resume: Optional[bool] = None,
-               key_options: Optional[Dict[str, Any]] = None) -> RunSummary:
+               key_options: Optional[Dict[str, Any]] = None,
+               reads: Sequence[Tuple[str, Optional[PathLike]]] = ()) -> RunSummary:
     """Run every job; write ``output`` (all videos' results, one flat list) atomically at the end.
 
     Each finished video is committed at once as a shard in ``<output>.shards/``
@@ -698,7 +701,7 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
     from .shards import open_journal, video_identity
 
     overlays = overlay_paths(overlay, jobs)
-    check_outputs(jobs, output, overlays)
+    check_outputs(jobs, output, overlays, reads=[("the bundle", runner.manifest.root), *reads])
     outcomes: List[VideoOutcome] = []
     failures: List[Tuple[VideoJob, str]] = []
     total = len(jobs)

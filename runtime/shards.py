@@ -62,6 +62,12 @@ _SHARD_RE = re.compile(r"^\d{6}-.*-[0-9a-f]{8}\.json$")
 _TMP_RE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.json)?$")
 
 
+def _is_our_temp(name: str) -> bool:
+    """A temporary of :func:`dvis_trt.outputs.temp_path` (``.NAME.dvis-trt-tmp-<pid>-<rand>``)."""
+    from dvis_trt.outputs import parse_temp_name
+    return parse_temp_name(name) is not None
+
+
 def shard_folder(output: PathLike) -> Path:
     """``results.json`` -> ``results.json.shards`` (same folder)."""
     out = Path(output)
@@ -180,7 +186,7 @@ class ShardStore:
         """Remove temporary files a killed run left in *our* folder (we hold the lock, so no
         live writer owns them)."""
         for p in self.folder.iterdir():
-            if p.is_file() and _TMP_RE.match(p.name):
+            if p.is_file() and (_TMP_RE.match(p.name) or _is_our_temp(p.name)):
                 try:
                     p.unlink()
                 except OSError:
