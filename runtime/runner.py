@@ -414,11 +414,14 @@ class RunSummary:
     output: Optional[Path]
     backend: str
     results: List[Dict[str, Any]] = field(default_factory=list)
+    #: videos whose results were kept but whose overlay could not be written
+    secondary_failures: List[Tuple[VideoJob, str]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0 when every video ran, 2 when some were skipped."""
-        return 2 if self.failures else 0
+        """0 when every video ran and every output was written; 2 when some video was skipped
+        or some overlay could not be written."""
+        return 2 if self.failures or self.secondary_failures else 0
 
 
 def _label_text(label: int, class_names: Optional[Sequence[str]]) -> str:
@@ -604,15 +607,27 @@ class Runner:
         out = VideoOutcome(job=job, source=source, result=result, results=dicts,
                            seconds=seconds, timestamps=stamps)
         if overlay is not None:
-            from .overlay import write_overlay
-
             try:
-                write_overlay(overlay, source.iter_frames(), instances, self.class_names,
-                              fps=source.fps, min_score=self.overlay_min_score)
+                self.write_overlay(out, overlay)
             except ValueError as exc:
                 raise InputError(f"cannot write the overlay '{overlay}': {exc}") from None
-            out.overlay = Path(overlay)
         return out
+
+    def write_overlay(self, out: VideoOutcome, overlay: PathLike) -> Path:
+        """Write the overlay video of a finished video (decodes it again, streaming); sets
+        ``out.overlay``. Raises whatever the writer raises (OSError for a full disk or a name
+        too long, ValueError for a container/codec PyAV cannot write): :func:`run_videos`
+        reports it for that video only."""
+        from .overlay import write_overlay
+
+        r = out.result
+        instances = [InstanceTrack(track_id=int(r.track_ids[i]), label=int(r.labels[i]),
+                                   score=float(r.scores[i]), segmentations=r.segmentations[i])
+                     for i in range(len(r.scores))]
+        write_overlay(overlay, out.source.iter_frames(), instances, self.class_names,
+                      fps=out.source.fps, min_score=self.overlay_min_score)
+        out.overlay = Path(overlay)
+        return out.overlay
 
     def summary_line(self, out: VideoOutcome, index: int = 0, total: int = 1) -> str:
         """``[i/n] name: T frames HxW | tracks born, instances | top instances | frames/s``."""
@@ -704,6 +719,7 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
     check_outputs(jobs, output, overlays, reads=[("the bundle", runner.manifest.root), *reads])
     outcomes: List[VideoOutcome] = []
     failures: List[Tuple[VideoJob, str]] = []
+    secondary: List[Tuple[VideoJob, str]] = []   # overlays that failed (results kept)
     total = len(jobs)
     runner.say(f"backend: {runner.backend_desc}")
     journal = open_journal(output, runner.shard_key(**(key_options or {})) if output is not None
@@ -715,7 +731,7 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
                 continue
             try:
                 source = job.open()
-                out = runner.run_source(job, source, overlays.get(i))
+                out = runner.run_source(job, source)
             except InputError as exc:
                 if total == 1:
                     raise
@@ -734,13 +750,23 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
             line = runner.summary_line(out, i, total)
             journal.commit(i, out.results, out.summary(line))
             runner.say(line)
+            if i in overlays:  # a secondary output: its failure costs only itself
+                try:
+                    runner.write_overlay(out, overlays[i])
+                except Exception as exc:  # noqa: BLE001 - any writer failure (disk full, ...)
+                    why = _one_line_error(exc)
+                    secondary.append((job, f"overlay {overlays[i]}: {why}"))
+                    print(f"dvis-trt: error: [{i + 1}/{total}] {job.name}: the overlay "
+                          f"{overlays[i]} could not be written ({why}); its results are kept",
+                          file=sys.stderr, flush=True)
         if not outcomes and not journal.resumed:
             raise InputError(f"none of the {total} videos could be processed (see the lines "
                              "above); nothing was written")
         results = journal.results()
         written = journal.write(output, results)
         summary = RunSummary(outcomes=outcomes, failures=failures, output=written,
-                             backend=runner.backend_desc, results=results)
+                             backend=runner.backend_desc, results=results,
+                             secondary_failures=secondary)
     frames = sum(o.result.num_frames for o in outcomes)
     seconds = sum(o.seconds for o in outcomes)
     tail = f"; {len(failures)} of {total} videos skipped" if failures else ""
@@ -757,4 +783,17 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
         names = ", ".join(j.name for j, _ in failures)
         print(f"dvis-trt: {len(failures)} of {total} videos were skipped: {names}",
               file=sys.stderr, flush=True)
+    if secondary:
+        names = ", ".join(j.name for j, _ in secondary)
+        print(f"dvis-trt: {len(secondary)} overlay(s) could not be written ({names}); the "
+              "results of those videos are in the results file", file=sys.stderr, flush=True)
     return summary
+
+
+def _one_line_error(exc: BaseException) -> str:
+    """``OSError`` as its strerror (+ file name), anything else as ``Type: message``, one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(str(text).split())[:300]
