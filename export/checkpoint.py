@@ -251,6 +251,44 @@ def _fmt_shape(shape: Tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
 
 
+def _backbone_kind(keys) -> Optional[str]:
+    keys = list(keys)
+    if any(k.startswith("backbone.vit_module.") for k in keys):
+        return "vit"
+    if any(k.startswith(("backbone.stem.", "backbone.res")) for k in keys):
+        return "resnet"
+    return None
+
+
+_ADAPTER_PREFIXES = ("backbone.spm.", "backbone.interactions.", "backbone.level_embed",
+                     "backbone.up.", "backbone.norm")
+
+
+def _backbone_hint(report: "LoadReport") -> str:
+    """Name the backbone mix-up behind a mismatch (ViT-Adapter-L weights for a ResNet config,
+    the reverse, or a DINOv2 ViT without the adapter), or ''."""
+    mismatched = [k for k, _, _ in report.mismatched]
+    in_ckpt = report.loaded + report.unexpected + mismatched
+    in_model = report.loaded + report.missing + mismatched
+    ckpt, model = _backbone_kind(in_ckpt), _backbone_kind(in_model)
+    if ckpt == "vit" and model == "resnet":
+        return ("; the checkpoint holds a ViT-Adapter-L backbone (backbone.vit_module.*) but the "
+                "config builds a ResNet: use the ViT-Adapter config it was trained with "
+                "(configs/dvis_daq/<dataset>/vit_adapter/DAQ_Offline_VitAdapterL.yaml)")
+    if ckpt == "resnet" and model == "vit":
+        return ("; the checkpoint holds a ResNet backbone (backbone.res2.*) but the config builds "
+                "the ViT-Adapter-L: use the ResNet config it was trained with "
+                "(configs/dvis_daq/<dataset>/DAQ_Offline_R50.yaml)")
+    if ckpt == "vit" and model == "vit" and \
+            any(k.startswith(_ADAPTER_PREFIXES) for k in report.missing) and \
+            not any(k.startswith(_ADAPTER_PREFIXES) for k in in_ckpt):
+        return ("; the checkpoint has the DINOv2 ViT (backbone.vit_module.*) but not the adapter "
+                "(backbone.spm.*, backbone.interactions.*, backbone.level_embed, backbone.up, "
+                "backbone.norm1-4): a bare DINOv2 checkpoint or a truncated file, not a DVIS-DAQ "
+                "ViT-Adapter-L model")
+    return ""
+
+
 def _mismatch_message(report: LoadReport, source: str, expected: str) -> str:
     parts = []
     for label, items in (("missing", report.missing), ("unexpected", report.unexpected)):
@@ -266,6 +304,8 @@ def _mismatch_message(report: LoadReport, source: str, expected: str) -> str:
             hint = (f"; the checkpoint predicts {a[0] - 1} classes, the config {b[0] - 1}: "
                     "use the config of the dataset it was trained on")
             break
+    if not hint:
+        hint = _backbone_hint(report)
     if not hint and not report.loaded:
         hint = "; no key matched at all: is this a DVIS-DAQ checkpoint for this architecture?"
     return (f"checkpoint {source} does not match the model {expected}: "

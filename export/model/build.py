@@ -4,7 +4,8 @@ Maps config keys onto module constructors the way the official ``from_config`` c
 ``DVIS_DAQ_offline.from_config`` (``dvis_daq/meta_architecture.py``: tracker, refiner, inference
 values), ``MSDeformAttnPixelDecoder.from_config`` (``transformer_dim_feedforward`` is hard-coded
 to 1024 there), ``VideoMultiScaleMaskedTransformerDecoder_dvisPlus.from_config``
-(``dec_layers = DEC_LAYERS - 1``), detectron2's ``build_resnet_backbone``.
+(``dec_layers = DEC_LAYERS - 1``), detectron2's ``build_resnet_backbone``,
+``D2VitAdapterDinoV2`` (``vit_adapter.py``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .refiner import TemporalRefiner
 from .segmenter import SemSegHead
 from .tracker import VideoInstanceCutter
 
-SUPPORTED_BACKBONES = ("build_resnet_backbone",)
+SUPPORTED_BACKBONES = ("build_resnet_backbone", "D2VitAdapterDinoV2")
 
 
 def _check_supported(cfg: Any) -> None:
@@ -33,7 +34,14 @@ def _check_supported(cfg: Any) -> None:
     backbone = cfg.MODEL.BACKBONE.NAME
     if backbone not in SUPPORTED_BACKBONES:
         raise InputError(f"backbone {backbone!r}{where} is not supported yet; supported: "
-                         f"{', '.join(SUPPORTED_BACKBONES)} (ResNet-50/101)")
+                         f"{', '.join(SUPPORTED_BACKBONES)} (ResNet, ViT-Adapter-L)")
+    task = cfg.get("MODEL.MASK_FORMER.TEST.TASK", "vis")
+    if task != "vis":
+        why = {"vos": "semi-supervised VOS matches predictions to each video's first-frame "
+                      "object masks, an input dvis-trt does not take"}.get(
+            task, "only video instance segmentation is exported")
+        raise InputError(f"MODEL.MASK_FORMER.TEST.TASK is {task!r}{where}: {why}; to run the "
+                         "model as VIS, export with --opts MODEL.MASK_FORMER.TEST.TASK=vis")
     dec = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
     if dec != "VideoMultiScaleMaskedTransformerDecoder_dvisPlus":
         raise InputError(f"MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME is {dec!r}{where}; "
@@ -54,11 +62,15 @@ def build_model(cfg: Any) -> DvisDaqOffline:
     _check_supported(cfg)
     m = cfg.MODEL
     r = m.RESNETS
-    backbone = build_resnet(
-        depth=int(r.DEPTH), stem_out_channels=int(r.STEM_OUT_CHANNELS),
-        res2_out_channels=int(r.RES2_OUT_CHANNELS), num_groups=int(r.NUM_GROUPS),
-        width_per_group=int(r.WIDTH_PER_GROUP), stride_in_1x1=bool(r.STRIDE_IN_1X1),
-        res5_dilation=int(r.RES5_DILATION), out_features=tuple(r.OUT_FEATURES), norm=r.NORM)
+    if m.BACKBONE.NAME == "D2VitAdapterDinoV2":
+        from .vit_adapter import build_vit_adapter
+        backbone = build_vit_adapter(cfg)
+    else:
+        backbone = build_resnet(
+            depth=int(r.DEPTH), stem_out_channels=int(r.STEM_OUT_CHANNELS),
+            res2_out_channels=int(r.RES2_OUT_CHANNELS), num_groups=int(r.NUM_GROUPS),
+            width_per_group=int(r.WIDTH_PER_GROUP), stride_in_1x1=bool(r.STRIDE_IN_1X1),
+            res5_dilation=int(r.RES5_DILATION), out_features=tuple(r.OUT_FEATURES), norm=r.NORM)
     shapes = backbone.output_shape()
     ssh, mf = m.SEM_SEG_HEAD, m.MASK_FORMER
     pixel_decoder = MSDeformAttnPixelDecoder(
