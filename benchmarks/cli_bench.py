@@ -2,8 +2,10 @@
 
 Example (R50 OVIS bundle, 360p video, eager torch vs ONNX Runtime on CPU)::
 
-    dvis-trt bench --bundle bundles/r50_ovis --video clip360p.mp4 --backends torch,ort \\
-        --checkpoint DAQ_Offline_R50_OVIS.pth --out bench_out/
+    dvis-trt bench bundles/r50_ovis clip360p.mp4 --backends torch,ort --out bench_out/
+
+(the eager baseline's weights are the checkpoint the bundle's manifest records; ``--checkpoint``
+overrides it; ``--bundle B --video V`` is the older spelling, kept)
 
 writes ``bench_out/bench.json`` (appended history), ``bench_out/bench.md`` and
 ``bench_out/bench.png``; ``--compare old.json`` prints the deltas against the last run in
@@ -35,24 +37,29 @@ def parse_int_list(text: str, what: str) -> list:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt bench``."""
     from .harness import BACKENDS
-    parser.add_argument("--bundle", action="append", required=True, metavar="BUNDLE/",
-                        help="exported bundle; repeat to compare MSDA modes (--msda onnx / "
-                             "plugin / trt-builtin exports of the same weights)")
-    parser.add_argument("--video", required=True, metavar="VIDEO",
-                        help="video file or frame folder to run (decoded once per round)")
+    parser.add_argument("paths", nargs="*", metavar="BUNDLE... VIDEO",
+                        help="one or more exported bundles, then the video file or frame folder "
+                             "to run (decoded once per round); several bundles compare MSDA "
+                             "modes (--msda onnx / plugin / trt-builtin exports of the same "
+                             "weights)")
+    parser.add_argument("--bundle", action="append", default=None, metavar="BUNDLE/",
+                        help="same as a positional BUNDLE (the older spelling, kept; repeatable)")
+    parser.add_argument("--video", default=None, metavar="VIDEO",
+                        help="same as the positional VIDEO (the older spelling, kept)")
     parser.add_argument("--backends", default="torch,ort",
                         help="comma-separated, from: " + "; ".join(
                             f"{k} = {v}" for k, v in BACKENDS.items()) + " (default torch,ort)")
     w = parser.add_mutually_exclusive_group()
     w.add_argument("--checkpoint", metavar="model.pth",
-                   help="weights of the eager baseline: the checkpoint the bundle was exported "
-                        "from (default: the one recorded in the manifest, if any)")
+                   help="weights of the eager baseline (default: the checkpoint the bundle's "
+                        "manifest records; refused if that file changed since the export)")
     w.add_argument("--test-weights", type=int, metavar="SEED",
                    help="baseline with the spread random test weights of this seed "
                         "(dvis_trt.export.testing.build_test_model), for bundles exported from "
                         "them")
-    parser.add_argument("--config-file", metavar="CFG.yaml",
-                        help="config of the eager model (default: the manifest's config.source)")
+    parser.add_argument("--config", "--config-file", dest="config_file", metavar="NAME|CFG.yaml",
+                        help="config of the eager model, a name (`dvis-trt configs`) or a YAML "
+                             "file (default: the one the bundle was exported with)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for --config-file")
     parser.add_argument("--threads", type=int, default=None,
@@ -118,6 +125,11 @@ def run(args: argparse.Namespace) -> int:
     from .harness import BenchOptions, run_bench
     from .report import compare, load_runs, write_outputs
 
+    from dvis_trt.runtime.cli_args import resolve_bundles_and_video
+
+    full = getattr(args, "_argv", None)  # the command line as given (dvis_trt.runtime.cli.main)
+    argv = list(full[1:]) if full else None
+    args.bundle, args.video = resolve_bundles_and_video(args.paths, args.bundle, args.video, full)
     backends = [b.strip() for b in str(args.backends).split(",") if b.strip()]
     old = load_runs(args.compare)[-1] if args.compare else None  # fail early on a bad file
     out_dir = Path(args.out)
@@ -127,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
                    ("--plot", args.plot or out_dir / "bench.png")],
                   [*(("--bundle", b) for b in args.bundle), ("--video", args.video),
                    ("--checkpoint", args.checkpoint), ("--config-file", args.config_file)])
-    argv = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else None
     opts = BenchOptions(
         bundles=list(args.bundle), video=args.video, backends=backends,
         checkpoint=args.checkpoint, test_weights=args.test_weights,

@@ -1085,25 +1085,22 @@ def build_eager_model(manifest, opts: BenchOptions):
     equal the bundle's (else the two come from different weights). Returns None when neither
     weights option is given and the manifest records no checkpoint."""
     import torch
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.named_configs import eager_config_source, load_named_config
+    from dvis_trt.runtime.provenance import recorded_checkpoint
     ckpt = opts.checkpoint
     if ckpt is None and opts.test_weights is None:
-        rec = (manifest.producer or {}).get("checkpoint")
-        ckpt = rec.get("path") if isinstance(rec, Mapping) else rec
-        if ckpt and not Path(ckpt).is_file():
-            ckpt = None
+        ckpt = recorded_checkpoint(manifest)  # None if absent; refused if the file changed
     if ckpt is None and opts.test_weights is None:
         return None
     if opts.config_file is not None:
         source, overrides = os.fspath(opts.config_file), list(opts.overrides or [])
     else:
-        source = manifest.config.source
-        overrides = list(opts.overrides or []) or \
-            list((manifest.producer or {}).get("config_overrides") or [])
+        source, recorded = eager_config_source(manifest)
+        overrides = list(opts.overrides or []) or recorded
         if not source or not Path(source).is_file():
             raise InputError(f"config file {source!r} (from the bundle manifest) is not "
-                             "readable; pass --config-file")
-    cfg = load_config(source, overrides or None)
+                             "readable; pass --config")
+    cfg = load_named_config(source, overrides or None)
     if ckpt is not None:
         from dvis_trt.export.checkpoint import load_checkpoint
         from dvis_trt.export.model.build import build_model
@@ -1195,7 +1192,10 @@ def run_bench(opts: BenchOptions) -> Dict[str, Any]:
     if int(opts.repeats) < 1 or int(opts.window) < 1:
         raise InputError("--repeats and --window must be >= 1")
     started = _dt.datetime.now(_dt.timezone.utc)
-    import torch  # noqa: F401 - imported before pinning so torch's pools get the count
+    from dvis_trt.runtime.extras import have, missing_message
+    has_torch = have("torch")  # an edge install benches ONNX Runtime rows without torch
+    if has_torch:
+        import torch  # noqa: F401 - imported before pinning so torch's pools get the count
     threads = int(opts.threads or available_cpus())
     pinned = pin_threads(threads, opts.affinity)
     manifests = [load_manifest(b, verify=False) for b in opts.bundles]
@@ -1214,9 +1214,14 @@ def run_bench(opts: BenchOptions) -> Dict[str, Any]:
         f"(padded {hp}x{wp}); decode {decode_s:.2f} s")
 
     # the eager model is built whatever --backends says: it is the parity reference
-    model = build_eager_model(primary, opts)
-    if model is None:
-        log("no --checkpoint / --test-weights: no eager baseline, parity unchecked")
+    if has_torch:
+        model = build_eager_model(primary, opts)
+        if model is None:
+            log("no --checkpoint / --test-weights and the manifest records no readable "
+                "checkpoint: no eager baseline, parity unchecked")
+    else:
+        model = None
+        log(f"no eager baseline, parity unchecked: {missing_message('torch', 'bench', ' for it')}")
 
     # ---- runners
     rows: Dict[str, Dict[str, Any]] = {}
@@ -1230,6 +1235,8 @@ def run_bench(opts: BenchOptions) -> Dict[str, Any]:
                          "bundle": str(man.root), "description": BACKENDS[b]}
             try:
                 if b == "torch":
+                    if not has_torch:
+                        raise BackendUnavailable(missing_message("torch", "bench"))
                     if model is None:
                         raise BackendUnavailable("the eager baseline needs --checkpoint or "
                                                  "--test-weights")
@@ -1414,7 +1421,9 @@ def run_bench(opts: BenchOptions) -> Dict[str, Any]:
     log("GEMM probe ...")
     gemm = gemm_rate(threads, sizes=opts.gemm_sizes, seconds=opts.gemm_seconds)
     flops_res: Dict[str, Any] = {}
-    if opts.flops and recorder is not None:
+    if opts.flops and recorder is not None and not have("onnx"):
+        log(f"FLOP count skipped: {missing_message('onnx', 'bench', ' to read the graphs')}")
+    elif opts.flops and recorder is not None:
         from .flops import FlopCounter
         log("FLOP count from the ONNX graphs ...")
         fc = FlopCounter()

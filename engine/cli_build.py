@@ -12,7 +12,10 @@ from dvis_trt.runtime.cli import positive_int as _positive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", help="bundle folder written by `dvis-trt export`")
+    from dvis_trt.runtime.cli_args import add_main_argument
+
+    add_main_argument(parser, "bundle", kind="bundle", metavar="BUNDLE", flags=("--bundle",),
+                      accepts=("folder",), help="bundle folder written by `dvis-trt export`")
     lim = parser.add_argument_group("limits (they size the optimization profiles)")
     lim.add_argument("--window", type=_positive, default=5,
                      help="frames per segmenter call (default 5, as the official forward)")
@@ -67,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     import importlib.util
 
     from dvis_trt.runtime.errors import DependencyError
+    from dvis_trt.runtime.cli_args import resolve_main_arguments
+
+    resolve_main_arguments(args)
 
     if importlib.util.find_spec("tensorrt") is None:  # say the first thing a user must fix first
         raise DependencyError("building engines needs TensorRT and an NVIDIA GPU: install TensorRT "

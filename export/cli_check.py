@@ -187,11 +187,17 @@ def format_table(rows: Sequence[CheckRow]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt check``."""
-    parser.add_argument("bundle", metavar="BUNDLE/", help="bundle folder (dvis-trt export)")
+    from dvis_trt.runtime.cli_args import add_main_argument
+
+    add_main_argument(parser, "bundle", kind="bundle", metavar="BUNDLE", flags=("--bundle",),
+                      related=("checkpoint",), accepts=("folder",),
+                      help="bundle folder (dvis-trt export)")
     parser.add_argument("--checkpoint", metavar="model.pth",
-                        help="weights the bundle was exported from (needed by the torch side)")
-    parser.add_argument("--config-file", metavar="CFG.yaml",
-                        help="config of the eager model (default: the manifest's source)")
+                        help="weights of the eager side (default: the checkpoint the bundle's "
+                             "manifest records, refused if the file changed since the export)")
+    parser.add_argument("--config", "--config-file", dest="config_file", metavar="NAME|CFG.yaml",
+                        help="config of the eager model, a name (`dvis-trt configs`) or a YAML "
+                             "file (default: the one the bundle was exported with)")
     parser.add_argument("--opts", nargs="*", default=None, metavar="KEY=VALUE",
                         help="config overrides with --config-file (default: the manifest's)")
     parser.add_argument("--backend", default="ort", choices=sorted(BACKENDS),
@@ -209,21 +215,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "MIN_SIZE_TEST at 16:9)")
     parser.add_argument("--tracks", default="0,1,7", metavar="N[,N...]",
                         help="live-track counts tQ for tracker_step (default 0,1,7)")
-    parser.add_argument("--refiner-frames", type=int, default=6, metavar="L")
+    parser.add_argument("--refiner-frames", type=int, default=6, metavar="L",
+                        help="clip length L of the refiner check (default 6)")
     parser.add_argument("--refiner-queries", type=int, default=None, metavar="Qr",
-                        help="default: NUM_NEW_INS")
-    parser.add_argument("--mask-frames", type=int, default=3, metavar="t")
+                        help="instance queries of the refiner check (default: NUM_NEW_INS)")
+    parser.add_argument("--mask-frames", type=int, default=3, metavar="t",
+                        help="frames per mask-head call in the check (default 3)")
     parser.add_argument("--mask-queries", type=int, default=None, metavar="Qs",
-                        help="default: TEST.MAX_NUM")
+                        help="instances per mask-head call in the check (default: TEST.MAX_NUM)")
     parser.add_argument("--stages", nargs="*", default=None, help="only these stages")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random sample images (default 0)")
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                         help=f"pass if max-abs <= atol + rtol * max|ref| (default {DEFAULT_RTOL})")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
-                        help=f"(default {DEFAULT_ATOL})")
+                        help=f"absolute part of the pass criterion (default {DEFAULT_ATOL})")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the rows as JSON")
-    parser.add_argument("--allow-unsafe-pickle", action="store_true")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="allow arbitrary pickled objects in the checkpoint (only for files "
+                             "you trust)")
 
 
 def _backend_from_args(name: str, args: argparse.Namespace):
@@ -239,6 +250,9 @@ def _backend_from_args(name: str, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Compare; print the table. Returns 0 when every output passes, 1 otherwise."""
     from dvis_trt.runtime.manifest import STAGE_NAMES, load_manifest
+    from dvis_trt.runtime.cli_args import resolve_main_arguments
+
+    resolve_main_arguments(args)
 
     from .cli_export import parse_size
     from .onnx_export import example_dims
@@ -250,9 +264,18 @@ def run(args: argparse.Namespace) -> int:
                       [("the bundle", args.bundle), ("--checkpoint", args.checkpoint),
                        ("--config-file", args.config_file)])
     manifest = load_manifest(args.bundle)
-    if "torch" in (args.backend, args.reference) and not args.checkpoint:
-        raise InputError("the torch side of the check needs --checkpoint (the weights the "
-                         "bundle was exported from)")
+    if "torch" in (args.backend, args.reference):
+        from dvis_trt.runtime.provenance import recorded_checkpoint
+
+        from .named_configs import eager_config_source
+        if not args.checkpoint:  # the one the bundle was exported from (hash checked)
+            args.checkpoint = str(recorded_checkpoint(
+                manifest, needed_for="the torch side of the check"))
+            print(f"eager model: {args.checkpoint} (recorded in the bundle)", flush=True)
+        if args.config_file is None:
+            args.config_file, recorded = eager_config_source(manifest)
+            if args.opts is None:
+                args.opts = recorded
     if args.stages:
         bad = [s for s in args.stages if s not in STAGE_NAMES]
         if bad:

@@ -28,11 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt export``."""
     from dvis_trt.runtime.manifest import MSDA_MODES
 
-    parser.add_argument("--config-file", required=True, metavar="CFG.yaml",
-                        help="official DVIS-DAQ offline config (YAML, _BASE_ chains resolved)")
-    parser.add_argument("--checkpoint", required=True, metavar="model.pth",
-                        help="trained weights (official layout; loaded strictly)")
-    parser.add_argument("--output", required=True, metavar="BUNDLE/",
+    from dvis_trt.runtime.cli_args import add_main_argument
+
+    add_main_argument(parser, "checkpoint", kind="checkpoint", metavar="CHECKPOINT",
+                      flags=("--checkpoint",), related=("config_file",), accepts=("file",),
+                      help="trained weights, .pth or detectron2 .pkl (official layout; loaded "
+                           "strictly)")
+    parser.add_argument("--config", "--config-file", dest="config_file", required=True,
+                        metavar="NAME|CFG.yaml",
+                        help="the model's config: a packaged name (see `dvis-trt configs`, e.g. "
+                             "r50-ovis) or your official DVIS-DAQ offline YAML (_BASE_ chain "
+                             "resolved)")
+    parser.add_argument("--output", "-o", required=True, metavar="BUNDLE/",
                         help="bundle folder to write (an existing bundle is replaced atomically)")
     parser.add_argument("--msda", choices=MSDA_MODES, default="onnx",
                         help="MSDeformAttn export: 'onnx' pure ONNX (GridSample, runs anywhere), "
@@ -53,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "MIN_SIZE_TEST at 16:9, e.g. 480x864); H and W stay dynamic")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides (detectron2 style), recorded in the manifest")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random example inputs used to trace (default 0)")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="allow arbitrary pickled objects in the checkpoint (only for files "
                              "you trust)")
@@ -63,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     """Export; prints one line per stage and a summary. Returns 0 (errors raise
     :class:`~dvis_trt.runtime.errors.DvisTrtError`, which the CLI prints as one line)."""
     from .onnx_export import export_from_checkpoint
+    from dvis_trt.runtime.cli_args import resolve_main_arguments
+
+    resolve_main_arguments(args)
 
     size = parse_size(args.example_size) if args.example_size else None
     t0 = time.perf_counter()

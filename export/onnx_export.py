@@ -444,6 +444,7 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
                   example_size: Optional[Tuple[int, int]] = None,
                   stages: Optional[Iterable[str]] = None, fold: bool = True, seed: int = 0,
                   config_overrides: Sequence[str] = (), precision: str = "fp32",
+                  provenance: Optional[Mapping[str, Any]] = None,
                   progress: Optional[Callable[[str], None]] = None) -> BundleManifest:
     """Export ``model`` (a :class:`DvisDaqOffline` with weights loaded) to the bundle ``out_dir``.
 
@@ -464,6 +465,8 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
         config_overrides: the ``KEY=VALUE`` overrides ``cfg`` was loaded with, recorded in the
             manifest (``producer.config_overrides``) so ``config.source`` + overrides rebuild
             the same eager model.
+        provenance: extra ``producer`` entries, e.g. ``checkpoint`` / ``config`` records
+            (:mod:`dvis_trt.runtime.provenance`; :func:`export_from_checkpoint` fills them).
         progress: called with one line per finished step (e.g. ``print``).
     Returns:
         the written :class:`BundleManifest` (``root`` = ``out_dir``).
@@ -539,7 +542,8 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
             os.fsync(f.fileno())
         manifest = BundleManifest(
             config=config, stages=entries, msda=msda, precision=precision,
-            producer=_producer(opset, reports, dims, msda, config_overrides),
+            producer={**_producer(opset, reports, dims, msda, config_overrides),
+                      **dict(provenance or {})},
             constants=ConstantsSpec(CONSTANTS_FILE, "0" * 64,
                                     {k: tuple(int(x) for x in v.shape) for k, v in arrays.items()}))
         write_manifest(tmp, manifest, hash_files=True)
@@ -565,6 +569,10 @@ def export_from_checkpoint(config_file: Union[str, os.PathLike],
                            progress: Optional[Callable[[str], None]] = None) -> BundleManifest:
     """Load the config and the checkpoint (strictly) and :func:`export_bundle` the model.
 
+    ``config_file`` is a packaged config name (``"r50-ovis"``, see ``dvis-trt configs``) or a
+    YAML path. The manifest records the provenance (:mod:`dvis_trt.runtime.provenance`): the
+    checkpoint's absolute path, sha256 and size, and the config's name and path.
+
     Raises:
         InputError: bad config / options; CheckpointError: keys or shapes that do not match the
         config (listed); ExportError / DependencyError as :func:`export_bundle`.
@@ -574,15 +582,24 @@ def export_from_checkpoint(config_file: Union[str, os.PathLike],
     from .checkpoint import load_checkpoint
     from .model.build import build_model
 
+    from dvis_trt.runtime.provenance import checkpoint_record, config_record
+
+    from .named_configs import resolve_config
+
+    config_path, named = resolve_config(config_file)
     from dvis_trt.outputs import check_outputs
     check_outputs([("--output", out_dir)], [("--checkpoint", checkpoint),
-                                            ("--config-file", config_file)],
+                                            ("--config", config_path)],
                   folders=("--output",))
-    cfg = load_config(config_file, overrides)
+    cfg = load_config(config_path, overrides)
     model = build_model(cfg)
-    load_checkpoint(model, checkpoint, strict=True, config_name=os.fspath(config_file),
+    load_checkpoint(model, checkpoint, strict=True,
+                    config_name=named.name if named else os.fspath(config_file),
                     allow_unsafe_pickle=allow_unsafe_pickle)
+    provenance = {"checkpoint": checkpoint_record(checkpoint),
+                  "config": config_record(named.name if named else None, config_path)}
     return export_bundle(model, cfg, out_dir, msda=msda, opset=opset, window=window,
                          precision=precision,
                          example_size=example_size, seed=seed,
-                         config_overrides=list(overrides or ()), progress=progress)
+                         config_overrides=list(overrides or ()), provenance=provenance,
+                         progress=progress)

@@ -1,5 +1,7 @@
-"""The ``dvis-trt`` command line: ``demo``, ``export``, ``check``, ``build``, ``run``, ``bench``,
-``build-plugins``.
+"""The ``dvis-trt`` command line: ``demo``, ``export``, ``configs``, ``check``, ``build``, ``run``,
+``bench``, ``build-plugins``. The conventions every sub-command follows (main object positional,
+older flags kept as aliases, help on every option, extras named) are in
+:mod:`dvis_trt.runtime.cli_args`.
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their sub-command runs, so ``dvis-trt run``
@@ -13,7 +15,9 @@ import importlib
 import os
 import sys
 
-from .errors import DvisTrtError
+from .cli_args import resolve_main_arguments
+from .errors import DependencyError, DvisTrtError
+from .extras import extra_for, missing_message
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -21,6 +25,8 @@ COMMANDS = {
              "make a demo bundle (random weights) and a real MP4, run it end to end"),
     "export": ("dvis_trt.export.cli_export",
                "export a DVIS-DAQ offline checkpoint to a bundle of per-stage ONNX graphs"),
+    "configs": ("dvis_trt.export.cli_configs",
+                "list the config names --config accepts (r50-ovis, vitl-ytvis19, ...)"),
     "check": ("dvis_trt.export.cli_check",
               "compare a bundle's stages with eager PyTorch (or TensorRT with ONNX Runtime)"),
     "build": ("dvis_trt.engine.cli_build", "build TensorRT engines for a bundle (GPU)"),
@@ -51,11 +57,49 @@ def _load(name: str):
         missing = exc.name or str(exc)
         if missing.startswith("dvis_trt"):
             raise
-        extra = {"torch": "export", "onnx": "export", "tensorrt": "engine",
-                 "polygraphy": "engine", "matplotlib": "bench"}.get(missing.split(".")[0], "all")
-        raise DvisTrtError(
-            f"'dvis-trt {name}' needs the Python package '{missing}', which is not installed; "
-            f"install it (pip install 'dvis-trt[{extra}]')") from None
+        raise DependencyError(missing_message(missing, name), exit_code=3) from None
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the package, ONNX Runtime, torch / TensorRT when present, the plugin."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print the versions of dvis-trt, ONNX Runtime, torch and TensorRT (when "
+                      "installed) and the MSDeformAttn plugin build, then exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit(0)
+
+
+def version_text() -> str:
+    """The ``--version`` lines (no heavy import: versions come from package metadata)."""
+    from importlib import metadata
+
+    from dvis_trt import __version__
+
+    def ver(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"dvis-trt {__version__}", f"  onnxruntime {ver('onnxruntime')}",
+             f"  torch {ver('torch')}"]
+    trt = ver("tensorrt")
+    if trt == "not installed":
+        trt = next((v for v in (ver("tensorrt-cu12"), ver("tensorrt-cu13"), ver("tensorrt_libs"))
+                    if v != "not installed"), trt)
+    lines.append(f"  tensorrt {trt}")
+    try:
+        from dvis_trt.plugins import KINDS, find_library, source_hash
+        built = [f"{k} {p}" for k in KINDS for p in [find_library(k)] if p is not None]
+        lines.append(f"  plugin sources {source_hash()}: "
+                     + ("; ".join(built) if built else "not built (dvis-trt build-plugins)"))
+    except Exception as exc:  # noqa: BLE001 - --version must always print
+        lines.append(f"  plugin: unknown ({type(exc).__name__}: {exc})")
+    return "\n".join(lines)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,9 +114,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="dvis-trt",
         description="Deployment-optimized inference for DVIS-DAQ offline video instance "
                     "segmentation.")
-    from dvis_trt import __version__
-    parser.add_argument("--version", action="version", version=f"dvis-trt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action=_VersionAction)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                help="run `dvis-trt COMMAND --help` for its options")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if only == name:
@@ -93,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         parser = build_parser(only=command)
         args = parser.parse_args(argv)
+        args._argv = argv  # the command line as given (for messages and records)
+        resolve_main_arguments(args, argv, command)
         return int(_load(command).run(args) or 0)
     except DvisTrtError as err:
         print(f"dvis-trt: error: {err}", file=sys.stderr)
@@ -112,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # last resort: one line, full traceback only when asked
         if os.environ.get("DVIS_TRT_DEBUG"):
             raise
+        if isinstance(exc, ModuleNotFoundError) and extra_for(exc.name or ""):
+            # an optional extra the command imports while it runs
+            print(f"dvis-trt: error: {missing_message(exc.name, command)}", file=sys.stderr)
+            return 3
         print(f"dvis-trt: internal error: {type(exc).__name__}: {exc} "
               f"(set DVIS_TRT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return 70

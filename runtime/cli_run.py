@@ -13,6 +13,7 @@ import argparse
 
 from .errors import InputError
 from .cli import positive_int as _positive
+from .cli_args import add_main_argument
 
 __all__ = ["add_arguments", "run", "OVERLAY_SUFFIXES"]
 
@@ -38,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt run``."""
     from .runner import BACKENDS
 
-    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (`dvis-trt export`)")
+    add_main_argument(parser, "bundle", kind="bundle", metavar="BUNDLE", flags=("--bundle",),
+                      spill="inputs", related=("inputs",), accepts=("folder",),
+                      help="bundle folder (`dvis-trt export`)")
     parser.add_argument("inputs", metavar="INPUT", nargs="*",
                         help="video files (any format FFmpeg reads), folders of frames "
                              "(YouTube-VIS JPEGImages/<video>/), a folder of such folders, or "
@@ -46,8 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", default="results.json", metavar="results.json",
                         help="YouTube-VIS results of all videos (default: results.json)")
     parser.add_argument("--overlay", default=None, metavar="out.mp4",
-                        help="also write the video with coloured masks, track ids, class names "
-                             "and scores (several videos: out_<name>.mp4, or a folder)")
+                        help="also write the video with coloured masks and labels (#track id or "
+                             "f<n> for frame-link instances, class, score), same size and "
+                             "timestamps as the input (several videos: out_<name>.mp4, or a "
+                             "folder)")
+    parser.add_argument("--contact-sheet", default=None, metavar="out.png",
+                        help="also write a PNG grid of overlay frames, evenly spaced, for a look "
+                             "without a video player (several videos: out_<name>.png)")
+    parser.add_argument("--contact-sheet-frames", type=_positive, default=9, metavar="N",
+                        help="frames in the contact sheet (default 9, a 3x3 grid)")
     parser.add_argument("--overlay-min-score", type=float, default=0.3, metavar="S",
                         help="instances below this score are not drawn (default 0.3, as the "
                              "official demo)")
@@ -80,9 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class names in class order: comma-separated, a text file (one per "
                              "line) or a JSON list (default: from the bundle)")
     parser.add_argument("--checkpoint", default=None, metavar="model.pth",
-                        help="weights for --backend torch")
-    parser.add_argument("--config-file", default=None, metavar="CFG.yaml",
-                        help="config for --backend torch (default: the bundle's config path)")
+                        help="weights for --backend torch (default: the checkpoint the bundle's "
+                             "manifest records)")
+    parser.add_argument("--config", "--config-file", dest="config_file", default=None,
+                        metavar="NAME|CFG.yaml",
+                        help="config for --backend torch, a name or a YAML file (default: the one "
+                             "the bundle was exported with)")
     parser.add_argument("--lenient", action="store_true",
                         help="decode damaged video files past errors (like ffmpeg) instead of "
                              "refusing them")
@@ -119,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     stop the run raise :class:`~dvis_trt.runtime.errors.DvisTrtError`)."""
     from .runner import (Runner, check_outputs, discover_inputs, load_class_names,
                          overlay_paths, run_videos)
+    from .cli_args import resolve_main_arguments
+
+    resolve_main_arguments(args)
     from .manifest import load_manifest
 
     if args.overlay_min_score < 0 or args.overlay_min_score > 1:
@@ -128,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None and Path(args.output).is_dir():
         raise InputError(f"--output {args.output} is a folder; give a file name, e.g. "
                          f"{Path(args.output) / 'results.json'}")
+    if args.contact_sheet is not None and not Path(args.contact_sheet).is_dir() and \
+            not str(args.contact_sheet).endswith(("/", "\\")) and \
+            Path(args.contact_sheet).suffix.lower() != ".png":
+        raise InputError(f"--contact-sheet {args.contact_sheet}: give a .png file (or a folder "
+                         "for several videos)")
     if args.overlay is not None and not Path(args.overlay).is_dir() and \
             not str(args.overlay).endswith(("/", "\\")) and \
             Path(args.overlay).suffix.lower() not in OVERLAY_SUFFIXES:
@@ -147,5 +168,7 @@ def run(args: argparse.Namespace) -> int:
                 config_file=args.config_file) as runner:
         summary = run_videos(runner, jobs, args.output, args.overlay, keep_going=args.keep_going,
                              resume=args.resume, key_options={"lenient": bool(args.lenient)},
-                             reads=read_paths(args))
+                             reads=read_paths(args),
+                             contact_sheet=args.contact_sheet,
+                             sheet_frames=args.contact_sheet_frames)
     return summary.exit_code

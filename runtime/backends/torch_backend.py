@@ -68,23 +68,23 @@ class TorchBackend(Backend):
         from dvis_trt.export.stages import build_stages
 
         if self._model is None:
-            if self._checkpoint is None:
-                raise InputError("the torch backend needs a checkpoint (--checkpoint model.pth) "
-                                 "to build the eager model")
+            from dvis_trt.export.named_configs import eager_config_source, load_named_config
+            from dvis_trt.runtime.provenance import recorded_checkpoint
+
+            if self._checkpoint is None:  # the one the bundle records (sha256 checked)
+                self._checkpoint = recorded_checkpoint(manifest, needed_for="the torch backend")
             if self._config_file is not None:
                 source, overrides = os.fspath(self._config_file), self._overrides
             else:
-                source = manifest.config.source
-                overrides = self._overrides if self._overrides is not None else \
-                    list(manifest.producer.get("config_overrides") or [])
+                source, recorded = eager_config_source(manifest)
+                overrides = self._overrides if self._overrides is not None else recorded
                 if not source or not os.path.isfile(source):
                     raise InputError(f"config file {source!r} (from the bundle manifest) is not "
-                                     "readable; pass --config-file")
+                                     "readable; pass --config")
             from dvis_trt.export.checkpoint import load_checkpoint
             from dvis_trt.export.model.build import build_model
-            from dvis_trt.runtime.config import load_config
 
-            model = build_model(load_config(source, overrides or None))
+            model = build_model(load_named_config(source, overrides or None))
             load_checkpoint(model, self._checkpoint, strict=True, config_name=str(source),
                             allow_unsafe_pickle=self._allow_unsafe_pickle)
             self._model = model
