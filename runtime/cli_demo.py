@@ -23,32 +23,51 @@ from .cli import positive_int as _positive
 __all__ = ["add_arguments", "run", "CONFIGS", "DISCLAIMER"]
 
 #: ``--config`` choices -> packaged config file name.
-CONFIGS = {"tiny": "tiny.yaml", "r50": "dvis_daq_offline_r50_ovis.yaml"}
+CONFIGS = {"tiny": "tiny.yaml", "r50": "dvis_daq_offline_r50_ovis.yaml",
+           "r50-ovis": "dvis_daq_offline_r50_ovis.yaml"}
 #: :func:`~dvis_trt.export.testing.spread_weights_` settings per config. The defaults were tuned
 #: on the tiny config; at R50 widths they let the tracker validate almost every new-instance
 #: query (~100 births per frame), so the R50 demo adds more "no object" bias (same values as
 #: ``benchmarks/host_overhead.py``'s R50 bundle: ~30-60 live tracks, births and kick-outs).
 SPREAD = {"tiny": {}, "r50": {"no_object_bias": 13.0, "tracker_no_object_bias": 15.0}}
+SPREAD["r50-ovis"] = SPREAD["r50"]
 
 DISCLAIMER = (
     "NOTE: these weights are RANDOM (seeded, rescaled so that queries spread). The masks, "
     "classes and scores above mean nothing; the demo shows that the whole chain runs on real "
     "files. With a trained checkpoint:\n"
-    "  dvis-trt export --config-file <official DVIS-DAQ offline config.yaml> "
-    "--checkpoint model_final.pth --output bundle/\n"
-    "  dvis-trt run bundle/ your_video.mp4 --output results.json --overlay overlay.mp4")
+    "  dvis-trt export model_final.pth --config r50-ovis -o bundle/   "
+    "(names: dvis-trt configs; or --config your_official_config.yaml)\n"
+    "  dvis-trt run bundle/ your_video.mp4 -o results.json --overlay overlay.mp4")
+
+def default_demo_dir(config: str, seed: int) -> Path:
+    """``<user cache>/dvis_trt/demo/<config>-seed<seed>``; the cache is ``$DVIS_TRT_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/dvis_trt``, else ``~/.cache/dvis_trt`` (as the plugin builds')."""
+    import os
+
+    base = os.environ.get("DVIS_TRT_CACHE_DIR")
+    if base:
+        root = Path(base).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dvis_trt"
+    return root / "demo" / f"{config}-seed{seed}"
 
 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt demo``."""
-    parser.add_argument("--output-dir", default="dvis_trt_demo", metavar="DIR",
-                        help="where the checkpoint, bundle, video, results and overlay go "
-                             "(default: ./dvis_trt_demo)")
+    parser.add_argument("--out", "--output-dir", dest="output_dir", default=None, metavar="DIR",
+                        help="folder for the checkpoint, bundle, video, results and overlay "
+                             "(default: <user cache>/dvis_trt/demo/<config>-seed<seed>, printed "
+                             "first); a folder the demo did not make must be empty")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
-                        help="tiny: reduced model, seconds (default); r50: the R50 OVIS "
-                             "architecture, minutes on a CPU")
+                        help="tiny: reduced model, seconds (default); r50 (= r50-ovis): the R50 "
+                             "OVIS architecture, minutes on a CPU")
+    parser.add_argument("--contact-sheet", default=None, metavar="PNG",
+                        help="also write a grid of overlay frames to this PNG (default: "
+                             "contact_sheet.png in the demo folder)")
     parser.add_argument("--frames", type=_positive, default=24, metavar="N",
                         help="frames of the demo video (default 24)")
     parser.add_argument("--seed", type=int, default=6,
@@ -77,13 +96,16 @@ def run(args: argparse.Namespace) -> int:
     from .runner import Runner, discover_inputs, run_videos
     from .synthetic import make_demo_video
 
-    out = Path(args.output_dir).absolute()
+    out = (Path(args.output_dir) if args.output_dir else
+           default_demo_dir(args.config, args.seed)).expanduser().absolute()
     from dvis_trt.outputs import owned_entries, write_marker
-    owned_entries(out, label="--output-dir")   # new, empty, or a demo folder of ours
+    owned_entries(out, label="--out")   # new, empty, or a demo folder of ours
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, [f"random_{args.config}_seed{args.seed}.pth", f"bundle_{args.config}",
-                       "demo.mp4", "results.json", "overlay.mp4"], kind="demo")
+                       "demo.mp4", "results.json", "overlay.mp4", "contact_sheet.png"],
+                 kind="demo")
     quiet = bool(args.quiet)
+    print(f"demo folder: {out}", flush=True)
 
     def say(line: str) -> None:
         if not quiet:
@@ -105,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     bundle = out / f"bundle_{args.config}"
-    say(f"2/4 exporting {config_file.name} to ONNX (one graph per stage)...")
-    export_from_checkpoint(config_file, ckpt, bundle,
+    say(f"2/4 exporting config {'tiny' if args.config == 'tiny' else 'r50-ovis'} "
+        f"({config_file.name}) to ONNX (one graph per stage)...")
+    export_from_checkpoint("tiny" if args.config == "tiny" else "r50-ovis", ckpt, bundle,
                            progress=(lambda line: say(f"    {line}")))
     say(f"    bundle: {bundle} ({time.perf_counter() - t0:.1f} s)")
 
@@ -121,14 +144,16 @@ def run(args: argparse.Namespace) -> int:
     say("4/4 running it on ONNX Runtime (CPU):")
     results = out / "results.json"
     overlay = out / "overlay.mp4"
+    sheet = Path(args.contact_sheet).absolute() if args.contact_sheet else \
+        out / "contact_sheet.png"
     jobs, _ = discover_inputs([video])
     with Runner(bundle, "ort", providers="cpu", threads=args.threads, quiet=quiet) as runner:
-        summary = run_videos(runner, jobs, results, overlay)
+        summary = run_videos(runner, jobs, results, overlay, contact_sheet=sheet)
     o = summary.outcomes[0]
     print(f"demo done in {time.perf_counter() - t_all:.1f} s: {o.result.num_frames} frames, "
           f"{o.result.num_tracks} tracks born, {len(o.results)} instances, "
           f"{o.fps:.1f} frames/s on {summary.backend.split(' [')[0]}")
     print(f"  checkpoint: {ckpt}\n  bundle:     {bundle}\n  video:      {video}\n"
-          f"  results:    {results}\n  overlay:    {overlay}")
+          f"  results:    {results}\n  overlay:    {overlay}\n  contact sheet: {sheet}")
     print(DISCLAIMER)
     return summary.exit_code

@@ -315,10 +315,9 @@ def _make_trt(manifest: BundleManifest) -> Tuple[Any, str]:
 def _make_torch(manifest: BundleManifest, threads: Optional[int],
                 checkpoint: Optional[PathLike], config_file: Optional[PathLike]
                 ) -> Tuple[Any, str]:
-    if checkpoint is None:
-        raise InputError("--backend torch runs the eager PyTorch stages and needs the weights: "
-                         "pass --checkpoint model.pth (and --config-file if the bundle's "
-                         "config path is not readable here)")
+    if checkpoint is None:  # the checkpoint the bundle records (sha256 checked)
+        from .provenance import recorded_checkpoint
+        checkpoint = recorded_checkpoint(manifest, needed_for="--backend torch (eager PyTorch)")
     from .backends.torch_backend import TorchBackend
 
     backend = TorchBackend(checkpoint=checkpoint, config_file=config_file, threads=threads)
@@ -389,6 +388,7 @@ class VideoOutcome:
     results: List[Dict[str, Any]]
     seconds: float
     overlay: Optional[Path] = None
+    contact_sheet: Optional[Path] = None
     #: presentation time (s) of each frame as stored (variable frame rate kept; None if unknown)
     timestamps: List[Optional[float]] = field(default_factory=list)
 
@@ -629,19 +629,40 @@ class Runner:
         out.overlay = Path(overlay)
         return out.overlay
 
+    def write_contact_sheet(self, out: VideoOutcome, path: PathLike, frames: int = 9) -> Path:
+        """Write ``frames`` overlay frames of a finished video as a PNG grid (decodes it again);
+        sets ``out.contact_sheet``. Raises what the writer raises, like :meth:`write_overlay`."""
+        from .overlay import write_contact_sheet
+
+        r = out.result
+        instances = [InstanceTrack(track_id=int(r.track_ids[i]), label=int(r.labels[i]),
+                                   score=float(r.scores[i]), segmentations=r.segmentations[i])
+                     for i in range(len(r.scores))]
+        write_contact_sheet(path, out.source.iter_frames(), instances, self.class_names,
+                            num=frames, num_frames=r.num_frames,
+                            min_score=self.overlay_min_score)
+        out.contact_sheet = Path(path)
+        return out.contact_sheet
+
     def summary_line(self, out: VideoOutcome, index: int = 0, total: int = 1) -> str:
         """``[i/n] name: T frames HxW | tracks born, instances | top instances | frames/s``."""
         r = out.result
         h, w = r.image_size
+        from .overlay import display_id
+
         n_fill = int((r.track_ids >= FILL_ID_BASE).sum())
         top = sorted(range(len(r.scores)), key=lambda i: -float(r.scores[i]))[:3]
-        tops = ", ".join(f"#{int(r.track_ids[i])} {_label_text(int(r.labels[i]), self.class_names)}"
+        tops = ", ".join(f"{display_id(r.track_ids[i])} "
+                         f"{_label_text(int(r.labels[i]), self.class_names)}"
                          f" {float(r.scores[i]):.2f}" for i in top)
+        fill = (f"{n_fill} from the frame link, shown as f1, f2...: added by the refiner from "
+                "the segmenter's per-frame queries, never tracked" if n_fill else
+                "0 from the frame link")
         shown = int((r.scores >= self.overlay_min_score).sum())
         clips = f", {len(r.clips)} clips" if len(r.clips) > 1 else ""
         return (f"[{index + 1}/{total}] {out.job.name}: {r.num_frames} frames {h}x{w}{clips} | "
-                f"{r.num_tracks} tracks born, {len(r.scores)} instances ({n_fill} from the "
-                f"frame link, {shown} >= {self.overlay_min_score:g}) | top: {tops or '-'} | "
+                f"{r.num_tracks} tracks born (#id), {len(r.scores)} instances ({fill}; "
+                f"{shown} >= {self.overlay_min_score:g}) | top: {tops or '-'} | "
                 f"{out.fps:.1f} frames/s")
 
     def close(self) -> None:
@@ -657,7 +678,8 @@ class Runner:
 
 def check_outputs(jobs: Sequence[VideoJob], output: Optional[PathLike],
                   overlays: Dict[int, Path],
-                  reads: Sequence[Tuple[str, Optional[PathLike]]] = ()) -> None:
+                  reads: Sequence[Tuple[str, Optional[PathLike]]] = (),
+                  sheets: Optional[Dict[int, Path]] = None) -> None:
     """Refuse output paths that would destroy an input or each other, and folders we cannot
     write, before any video is decoded (a long batch must not die at its very last step).
 
@@ -678,7 +700,8 @@ def check_outputs(jobs: Sequence[VideoJob], output: Optional[PathLike],
     inputs = [(f"input '{j.name}'", j.path) for j in jobs if j.path is not None]
     inputs += [(label, p) for label, p in reads if p is not None]
     outs = ([("--output", Path(output))] if output is not None else []) + \
-        [("--overlay", p) for p in overlays.values()]
+        [("--overlay", p) for p in overlays.values()] + \
+        [("--contact-sheet", p) for p in (sheets or {}).values()]
     check_rule(outs, inputs)
     for folder in {p.resolve().parent for _, p in outs}:
         try:
@@ -695,7 +718,9 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
                overlay: Optional[PathLike] = None, *, keep_going: bool = False,
                resume: Optional[bool] = None,
                key_options: Optional[Dict[str, Any]] = None,
-               reads: Sequence[Tuple[str, Optional[PathLike]]] = ()) -> RunSummary:
+               reads: Sequence[Tuple[str, Optional[PathLike]]] = (),
+               contact_sheet: Optional[PathLike] = None,
+               sheet_frames: int = 9) -> RunSummary:
     """Run every job; write ``output`` (all videos' results, one flat list) atomically at the end.
 
     Each finished video is committed at once as a shard in ``<output>.shards/``
@@ -716,7 +741,10 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
     from .shards import open_journal, video_identity
 
     overlays = overlay_paths(overlay, jobs)
-    check_outputs(jobs, output, overlays, reads=[("the bundle", runner.manifest.root), *reads])
+    sheets = {i: p if p.suffix.lower() == ".png" else p.with_suffix(".png")
+              for i, p in overlay_paths(contact_sheet, jobs).items()}
+    check_outputs(jobs, output, overlays, reads=[("the bundle", runner.manifest.root), *reads],
+                  sheets=sheets)
     outcomes: List[VideoOutcome] = []
     failures: List[Tuple[VideoJob, str]] = []
     secondary: List[Tuple[VideoJob, str]] = []   # overlays that failed (results kept)
@@ -759,6 +787,15 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
                     print(f"dvis-trt: error: [{i + 1}/{total}] {job.name}: the overlay "
                           f"{overlays[i]} could not be written ({why}); its results are kept",
                           file=sys.stderr, flush=True)
+            if i in sheets:  # the contact sheet: a secondary output too
+                try:
+                    runner.write_contact_sheet(out, sheets[i], sheet_frames)
+                except Exception as exc:  # noqa: BLE001 - any writer failure (disk full, ...)
+                    why = _one_line_error(exc)
+                    secondary.append((job, f"contact sheet {sheets[i]}: {why}"))
+                    print(f"dvis-trt: error: [{i + 1}/{total}] {job.name}: the contact sheet "
+                          f"{sheets[i]} could not be written ({why}); its results are kept",
+                          file=sys.stderr, flush=True)
         if not outcomes and not journal.resumed:
             raise InputError(f"none of the {total} videos could be processed (see the lines "
                              "above); nothing was written")
@@ -779,6 +816,8 @@ def run_videos(runner: Runner, jobs: Sequence[VideoJob], output: Optional[PathLi
     for o in outcomes:
         if o.overlay is not None:
             runner.say(f"overlay: {o.overlay}")
+        if o.contact_sheet is not None:
+            runner.say(f"contact sheet: {o.contact_sheet}")
     if failures:
         names = ", ".join(j.name for j, _ in failures)
         print(f"dvis-trt: {len(failures)} of {total} videos were skipped: {names}",

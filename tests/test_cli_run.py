@@ -136,10 +136,10 @@ def test_output_format_summary_and_overlay(tiny_bundle, demo_mp4, tmp_path, caps
         assert 1 <= r["category_id"] <= 25 and 0 <= r["score"] <= 1
         assert all(isinstance(s["counts"], str) and s["size"] == [333, 501]
                    for s in r["segmentations"])
-    # the overlay: every frame, the video's size (padded to even for 4:2:0), masks drawn
+    # the overlay: every frame, exactly the video's size (odd: yuv444p), masks drawn
     with av.open(str(ov)) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    assert len(frames) == 20 and frames[0].shape[:2] == (334, 502)
+    assert len(frames) == 20 and frames[0].shape[:2] == (333, 501)
     from dvis_trt.runtime.video import open_source
     src = [f.rgb for f in open_source(demo_mp4.path).iter_frames()]
     union = decode_rle(results[0]["segmentations"])
@@ -193,7 +193,7 @@ def test_several_videos_get_one_overlay_each(tiny_bundle, demo_mp4, tmp_path, ca
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["--backend", "torch"], "needs the weights: pass --checkpoint"),
+    (["--backend", "torch", "--checkpoint", "missing.pth"], "missing.pth"),
     (["--ytvis-json", "x.json"], "--ytvis-json and --ytvis-root go together"),
     (["--class-names", "missing_names.txt"], "does not exist"),
     (["--overlay", "out.gif"], "--overlay out.gif: use one of"),
@@ -221,11 +221,12 @@ def test_demo_builds_everything_and_runs_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     d = tmp_path / "demo"
+    assert out.splitlines()[0] == f"demo folder: {d}"  # named up front
     for name in ("results.json", "overlay.mp4", "demo.mp4", "random_tiny_seed6.pth",
-                 "bundle_tiny/manifest.json"):
+                 "bundle_tiny/manifest.json", "contact_sheet.png"):
         assert (d / name).is_file(), name
         assert str(d / name.split("/")[0]) in out
-    assert "RANDOM" in out and "dvis-trt export --config-file" in out
+    assert "RANDOM" in out and "dvis-trt export model_final.pth --config r50-ovis" in out
     assert "[1/1] demo: 4 frames 333x501" in out and "on ort (ONNX Runtime: CPUExecutionProvider" in out
     results = json.loads((d / "results.json").read_text())
     assert len(results) == 10 and all(len(r["segmentations"]) == 4 for r in results)
