@@ -357,11 +357,20 @@ def test_check_flags_a_wrong_graph(exported, tmp_path):
     assert cli_check.run(args) == 1
 
 
-def test_check_needs_checkpoint_for_torch_reference(exported):
+def test_check_needs_checkpoint_for_torch_reference(exported, tmp_path):
+    """Without --checkpoint the torch side uses the one the manifest records; when that file
+    is gone, one line asks for --checkpoint (tests/test_provenance.py covers the rest)."""
+    import json
+    import shutil
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exported["manifest"].root, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["producer"]["checkpoint"]["path"] = str(tmp_path / "gone.pth")
+    (bundle / "manifest.json").write_text(json.dumps(m))
     parser = argparse.ArgumentParser()
     cli_check.add_arguments(parser)
-    args = parser.parse_args([str(exported["manifest"].root)])
-    with pytest.raises(InputError, match="--checkpoint"):
+    args = parser.parse_args([str(bundle)])
+    with pytest.raises(InputError, match="not there any more; pass --checkpoint"):
         cli_check.run(args)
 
 
