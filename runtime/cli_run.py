@@ -108,6 +108,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a later run with the same --output skips the videos finished "
                              "with the same bundle and options (default: on when that folder "
                              "exists). --no-resume runs every video again")
+    ray = parser.add_argument_group(
+        "Ray (a collection on a cluster; pip install 'dvis-trt[ray]'; see docs/scale_out.md)")
+    ray.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                     help="run the videos on a Ray cluster, one video per task, on a pool of "
+                          "actors that each load the bundle once. ADDRESS: 'auto' (default: "
+                          "RAY_ADDRESS, else a running local cluster, else a new local one), "
+                          "'local', host:port or ray://host:port")
+    ray.add_argument("--workers", type=_positive, default=None, metavar="N",
+                     help="actors (default: one per GPU, else one per 4 CPUs of the cluster)")
+    ray.add_argument("--ray-cpus-per-worker", type=float, default=None, metavar="C",
+                     help="CPUs each actor reserves; also its ONNX Runtime threads unless "
+                          "--threads (default: the cluster's CPUs split over the actors, "
+                          "at most 4)")
+    ray.add_argument("--ray-gpus-per-worker", type=float, default=None, metavar="G",
+                     help="GPUs each actor reserves (default: 1 when the cluster has GPUs, "
+                          "else 0)")
+    ray.add_argument("--ray-retries", type=int, default=2, metavar="N",
+                     help="times a video is retried when its worker process dies while "
+                          "running it (default 2); after that it is reported as failed")
+    ray.add_argument("--ray-bundle", choices=("auto", "ship", "shared"), default="auto",
+                     help="ship: put the bundle in the object store once (each node unpacks "
+                          "it once); shared: workers read BUNDLE's path (mounted on every "
+                          "node); auto: shared on a one-node cluster, else ship")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of the bundle files")
     parser.add_argument("--quiet", "-q", action="store_true",
@@ -154,6 +177,15 @@ def run(args: argparse.Namespace) -> int:
             Path(args.overlay).suffix.lower() not in OVERLAY_SUFFIXES:
         raise InputError(f"--overlay {args.overlay}: use one of "
                          f"{', '.join(OVERLAY_SUFFIXES)} (or a folder for several videos)")
+    if args.ray is not None:  # the collection on a Ray cluster (runtime/ray_runner.py)
+        from .ray_runner import run_from_args
+
+        return run_from_args(args)
+    given = [o for o, v in (("--workers", args.workers), ("--ray-cpus-per-worker",
+             args.ray_cpus_per_worker), ("--ray-gpus-per-worker", args.ray_gpus_per_worker))
+             if v is not None]
+    if given:
+        raise InputError(f"{given[0]} applies to Ray runs; add --ray (see docs/scale_out.md)")
     jobs, category_ids = discover_inputs(args.inputs, args.ytvis_json, args.ytvis_root,
                                          strict=not args.lenient)
     # the output-safety rule before anything is loaded or written (run_videos checks again)

@@ -1,0 +1,737 @@
+"""``dvis-trt run BUNDLE INPUT... --ray [ADDRESS]``: a video collection on a Ray cluster (no torch).
+
+One video is one unit of work (the tracker state and the refiner's whole-clip view stay on one
+worker). The driver (this process):
+
+1. turns the inputs into video references — local paths (absolute, so every node of a cluster
+   that mounts the same storage finds them), frame folders, a YouTube-VIS json, or URIs that
+   pyarrow reads (``s3://bucket/videos/``: the video files in it) — and skips those whose shard
+   is already committed (:mod:`~dvis_trt.runtime.shards`, shared with the local run);
+2. builds a Ray Dataset of the remaining references, one block per video
+   (``ray.data.from_items``), and maps it with a callable-class **actor pool**
+   (``map_batches(VideoWorker, compute=ActorPoolStrategy(...), batch_size=1)``): each actor
+   loads the bundle once (ONNX Runtime with intra-op threads = its CPUs, or TensorRT;
+   ``num_gpus`` per actor when the cluster has GPUs) and runs the unchanged per-video pipeline
+   (:meth:`~dvis_trt.runtime.runner.Runner.run_source`);
+3. commits each answer as a shard the moment it arrives (only the driver writes shards, so a
+   video is never written twice nor half-written), drives one progress bar over the
+   collection, and merges ``results.json`` in input order at the end — byte-identical to the
+   local run.
+
+Faults: an actor process that dies while it holds a video is restarted by Ray and the video is
+retried (``--ray-retries``, default 2; Ray's ``max_task_retries``); a video that kills its
+worker more often is reported as failed and the collection goes on. A bad video (unreadable,
+0 frames) comes back as a failure and is reported once. A stage error is retried once on the
+same actor; if it repeats, the video fails — with ``--keep-going`` the collection goes on, else
+the run stops as the local run does (finished shards are kept either way).
+
+The bundle is shipped to the workers once: its files are put in the object store and each node
+unpacks them once into a local cache (``--ray-bundle ship``, the default on multi-node clusters),
+or the workers read the bundle path itself (``--ray-bundle shared``: a path every node mounts;
+the default on a one-node cluster).
+
+Ray is an optional extra (``pip install 'dvis-trt[ray]'``); without it ``--ray`` says so in one
+line. The official code has no counterpart (it evaluates in one process).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .errors import DependencyError, DvisTrtError, InputError
+
+__all__ = ["RAY_HINT", "TEST_EXIT_ENV", "VIDEO_SUFFIXES", "VideoRef", "RayOptions",
+           "RayRunSummary", "VideoWorker", "is_uri", "split_address", "collect_inputs",
+           "plan_workers", "run_collection", "run_from_args"]
+
+#: the one line a missing Ray gives
+RAY_HINT = "pip install 'dvis-trt[ray]'"
+#: test hook: ``"<video name>:<folder>"`` makes an actor exit (``os._exit``) the first time it
+#: holds that video (a marker file in <folder> remembers it); every attempt is appended to
+#: ``<folder>/attempts.log``. Read by the driver and handed to the actors.
+TEST_EXIT_ENV = "DVIS_TRT_TEST_RAY_EXIT_ON"
+#: file suffixes taken as videos when a URI names a folder
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
+                  ".flv", ".wmv")
+
+_ADDRESS_RE = re.compile(r"^(auto|local|(ray|rays|http|https)://\S+|[\w.-]+:\d+)$")
+
+
+def _import_ray():
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise DependencyError(f"--ray needs Ray (with Ray Data), which is not installed; "
+                              f"{RAY_HINT}") from None
+    return ray
+
+
+def is_uri(text: str) -> bool:
+    """``s3://...``, ``gs://...``, ``file:///...`` — read through pyarrow, not as a path."""
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(text))) and not Path(text).exists()
+
+
+def split_address(ray_arg: Optional[str], inputs: Sequence[str]) -> Tuple[str, List[str]]:
+    """``--ray [ADDRESS]`` takes an optional value, so ``--ray clip.mp4`` would swallow an
+    input: a value that is not an address (``auto``, ``local``, ``host:port``,
+    ``ray://host:port``) is handed back as the first input. Returns (address, inputs)."""
+    address = ray_arg or "auto"
+    inputs = list(inputs)
+    if not _ADDRESS_RE.match(address) or Path(address).exists():
+        inputs.insert(0, address)
+        address = "auto"
+    return address, inputs
+
+
+# --------------------------------------------------------------------------------------------
+# inputs -> video references
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VideoRef:
+    """One row of the collection: what a worker needs to find the video.
+
+    ``local_pos``: position in the jobs :func:`~dvis_trt.runtime.runner.discover_inputs` makes
+    from the local inputs (the worker repeats that discovery on its node); -1 for a URI."""
+
+    index: int
+    name: str
+    video_id: int
+    path: str
+    uri: str = ""
+    local_pos: int = -1
+    overlay: str = ""
+
+    def row(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _expand_uri(uri: str) -> List[str]:
+    """A URI of a file -> itself; of a folder (prefix) -> its video files, natural order."""
+    from .video import natural_sort_key
+
+    try:
+        import pyarrow.fs as pafs
+    except ImportError:
+        raise DependencyError(f"input '{uri}' needs pyarrow's filesystems; {RAY_HINT}") from None
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+    except Exception as exc:  # unknown scheme, credentials, network
+        raise InputError(f"cannot read '{uri}': {exc}") from None
+    if info.type != pafs.FileType.Directory:
+        return [uri]  # a file (or missing: it then fails as a bad video, reported)
+    scheme = uri.split("://", 1)[0]
+    files = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=False))
+             if i.type == pafs.FileType.File and i.path.lower().endswith(VIDEO_SUFFIXES)]
+    if not files:
+        raise InputError(f"'{uri}' holds no video files ({', '.join(VIDEO_SUFFIXES[:5])}, ...)")
+    files.sort(key=lambda i: natural_sort_key(i.base_name))
+    prefix = f"{scheme}:///" if scheme == "file" else f"{scheme}://"
+    return [prefix + i.path.lstrip("/") if scheme == "file" else prefix + i.path for i in files]
+
+
+def _uri_job(uri: str, video_id: int):
+    """The driver's stand-in VideoJob of a URI (names, overlay paths; workers open it)."""
+    from .runner import VideoJob
+
+    name = Path(uri.split("://", 1)[1]).stem or "video"
+
+    def opener():
+        raise InputError(f"'{uri}' is read by the Ray workers, not here")
+
+    return VideoJob(name=name, video_id=video_id, path=None, opener=opener)
+
+
+def collect_inputs(inputs: Sequence[str], ytvis_json: Optional[str], ytvis_root: Optional[str],
+                   strict: bool):
+    """Inputs -> (jobs, refs, category_ids, local_inputs).
+
+    Local inputs go through :func:`~dvis_trt.runtime.runner.discover_inputs` exactly as the
+    local run does (same order, same ``video_id`` s), with absolute paths so workers on other
+    nodes find the same files; URIs are expanded with pyarrow. Raises InputError as
+    ``discover_inputs``."""
+    from .runner import discover_inputs
+
+    local = [str(Path(p).absolute()) if not is_uri(p) else p for p in inputs]
+    yj = str(Path(ytvis_json).absolute()) if ytvis_json else None
+    yr = str(Path(ytvis_root).absolute()) if ytvis_root else None
+    if not any(is_uri(p) for p in local):
+        jobs, category_ids = discover_inputs(local, yj, yr, strict=strict)
+        refs = [VideoRef(i, j.name, j.video_id, str(j.path) if j.path else "", local_pos=i)
+                for i, j in enumerate(jobs)]
+        return jobs, refs, category_ids, {"inputs": local, "ytvis_json": yj, "ytvis_root": yr}
+    if ytvis_json:
+        raise InputError("pass either input videos or --ytvis-json, not both")
+    jobs, refs, local_only = [], [], []
+    n_local = 0
+    for raw in local:
+        if is_uri(raw):
+            for uri in _expand_uri(raw):
+                job = _uri_job(uri, len(jobs) + 1)
+                refs.append(VideoRef(len(jobs), job.name, job.video_id, uri, uri=uri))
+                jobs.append(job)
+        else:
+            sub, _ = discover_inputs([raw], strict=strict)
+            local_only.append(raw)
+            for j in sub:
+                j.video_id = len(jobs) + 1
+                refs.append(VideoRef(len(jobs), j.name, j.video_id, str(j.path or ""),
+                                     local_pos=n_local))
+                n_local += 1
+                jobs.append(j)
+    # workers rediscover each local input on its own (one input -> its jobs, in order)
+    return jobs, refs, None, {"inputs": local_only, "ytvis_json": None, "ytvis_root": None,
+                              "per_input": True}
+
+
+# --------------------------------------------------------------------------------------------
+# the bundle on the workers
+# --------------------------------------------------------------------------------------------
+def _bundle_files(root: Path) -> List[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and
+                  not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _bundle_fingerprint(root: Path, files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    with open(root / "manifest.json", "rb") as f:
+        h.update(f.read())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def ship_bundle(ray, root: Path) -> Dict[str, Any]:
+    """Put every bundle file in the object store once: ``{"fingerprint", "files": {relpath:
+    ObjectRef}}`` (workers fetch each file once per node, see :func:`materialize_bundle`)."""
+    files = _bundle_files(root)
+    refs = {p.relative_to(root).as_posix(): ray.put(p.read_bytes()) for p in files}
+    return {"fingerprint": _bundle_fingerprint(root, files), "files": refs,
+            "name": root.name}
+
+
+def materialize_bundle(shipped: Dict[str, Any]) -> Path:
+    """On a worker: the shipped bundle unpacked in this node's cache
+    (``<tmp>/dvis-trt-bundles/<name>-<fingerprint>/``), once per node (the first actor
+    unpacks into a temporary folder and renames it; the others reuse it)."""
+    import ray
+
+    cache = Path(tempfile.gettempdir()) / "dvis-trt-bundles"
+    final = cache / f"{shipped['name']}-{shipped['fingerprint']}"
+    if (final / "manifest.json").is_file():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{final.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rel, ref in shipped["files"].items():
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(ray.get(ref))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another actor on this node won the race
+            if not (final / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# the actor
+# --------------------------------------------------------------------------------------------
+_OUT_FIELDS = ("index", "status", "message", "exit_code", "results", "summary", "worker",
+               "frames", "seconds")
+
+
+def _exit_code_of(exc: BaseException) -> int:
+    """The exit code the local run's CLI gives for this exception (``runtime/cli.py``)."""
+    if isinstance(exc, DvisTrtError):
+        return exc.exit_code
+    if isinstance(exc, MemoryError):
+        return 3
+    return 70
+
+
+class VideoWorker:
+    """Ray Data callable class: one per actor; loads the bundle once, then runs one video per
+    call (``batch_size=1``) through :meth:`~dvis_trt.runtime.runner.Runner.run_source`.
+
+    Args:
+        spec: picklable dict: ``bundle`` (a path, or :func:`ship_bundle` 's dict), ``runner``
+            (Runner keyword arguments), ``discover`` (the local inputs to rediscover),
+            ``strict``, ``total``, ``stage_retries``, ``registry`` (an actor counting attempts,
+            or None), ``test_exit_on``.
+    Each call returns one row per video: ``status`` ok / bad_input / error / init_error, the
+    results as JSON text (parsed and committed by the driver), the shard summary, the worker
+    (``host:pid``), frames and seconds.
+    """
+
+    def __init__(self, spec: Dict[str, Any]):
+        self.spec = spec
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.init_error: Optional[Tuple[str, int]] = None
+        self.runner = None
+        self.jobs: List[Any] = []
+        try:
+            self._load()
+        except (DvisTrtError, MemoryError, OSError, RuntimeError, ValueError) as exc:
+            self.init_error = (f"{type(exc).__name__}: {exc}" if not isinstance(exc, DvisTrtError)
+                               else str(exc), _exit_code_of(exc))
+
+    def _load(self) -> None:
+        from .runner import Runner, discover_inputs
+
+        bundle = self.spec["bundle"]
+        root = materialize_bundle(bundle) if isinstance(bundle, dict) else Path(bundle)
+        opts = dict(self.spec["runner"])
+        if isinstance(bundle, dict):
+            opts["verify"] = False  # unpacked from the driver's verified copy
+        self.runner = Runner(root, opts.pop("backend"), quiet=True, **opts)
+        d = self.spec["discover"]
+        strict = self.spec["strict"]
+        if d.get("per_input"):
+            for raw in d["inputs"]:
+                self.jobs.extend(discover_inputs([raw], strict=strict)[0])
+        elif d["inputs"] or d["ytvis_json"]:
+            self.jobs = discover_inputs(d["inputs"], d["ytvis_json"], d["ytvis_root"],
+                                        strict=strict)[0]
+
+    # -- one video ---------------------------------------------------------------------------
+    def _job(self, row: Dict[str, Any]):
+        from .runner import VideoJob
+        from .video import open_source
+
+        if row["uri"]:
+            return VideoJob(name=row["name"], video_id=int(row["video_id"]), path=None,
+                            opener=lambda: open_source(self._fetch(row["uri"]),
+                                                       strict=self.spec["strict"]))
+        pos = int(row["local_pos"])
+        if not 0 <= pos < len(self.jobs) or self.jobs[pos].name != row["name"]:
+            raise InputError(f"'{row['path']}' is not the same input on worker {self.worker} "
+                             "(mount the same storage at the same path on every node)")
+        job = self.jobs[pos]
+        job.video_id = int(row["video_id"])
+        return job
+
+    def _fetch(self, uri: str) -> Path:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+            suffix = Path(path).suffix
+            fd, tmp = tempfile.mkstemp(prefix="dvis-trt-input.", suffix=suffix)
+            self._tmp_inputs.append(Path(tmp))
+            with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
+                shutil.copyfileobj(src, out, 1 << 22)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read '{uri}': {exc}") from None
+        return Path(tmp)
+
+    def _test_hook(self, name: str) -> None:
+        spec = self.spec.get("test_exit_on")
+        if not spec:
+            return
+        target, folder = spec.split(":", 1)
+        folder = Path(folder)
+        with open(folder / "attempts.log", "a", encoding="utf-8") as f:
+            f.write(f"{name} {self.worker}\n")
+        marker = folder / f"{target}.exited"
+        if name == target and not marker.exists():
+            marker.write_text(self.worker)
+            os._exit(17)  # a worker process dying while it holds the video
+
+    def _run_one(self, row: Dict[str, Any]) -> Dict[str, Any]:
+        from .results import _json_default
+
+        out = {k: None for k in _OUT_FIELDS}
+        out.update(index=int(row["index"]), status="ok", message="", exit_code=0, results="",
+                   summary="", worker=self.worker, frames=0, seconds=0.0)
+        if self.init_error is not None:
+            out.update(status="init_error", message=self.init_error[0],
+                       exit_code=self.init_error[1])
+            return out
+        registry = self.spec.get("registry")
+        if registry is not None:
+            registry.started.remote(int(row["index"]), self.worker)
+        self._test_hook(row["name"])
+        self._tmp_inputs: List[Path] = []
+        attempts = 0
+        try:
+            while True:
+                try:
+                    job = self._job(row)
+                    t0 = time.perf_counter()
+                    res = self.runner.run_source(job, job.open(), row["overlay"] or None)
+                    break
+                except InputError as exc:
+                    out.update(status="bad_input", message=str(exc), exit_code=exc.exit_code)
+                    return out
+                except (DvisTrtError, MemoryError, RuntimeError, ValueError) as exc:
+                    attempts += 1
+                    if attempts <= int(self.spec.get("stage_retries", 1)):
+                        continue  # a stage error: once more on this actor
+                    out.update(status="error", message=f"{type(exc).__name__}: {exc}",
+                               exit_code=_exit_code_of(exc))
+                    return out
+        finally:
+            for p in self._tmp_inputs:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+        line = self.runner.summary_line(res, int(row["index"]), int(self.spec["total"]))
+        out.update(results=json.dumps(res.results, default=_json_default, allow_nan=False),
+                   summary=json.dumps(res.summary(line)), frames=int(res.result.num_frames),
+                   seconds=float(time.perf_counter() - t0))
+        return out
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = batch.to_pylist() if hasattr(batch, "to_pylist") else \
+            [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        outs = [self._run_one(r) for r in rows]
+        schema = pa.schema([("index", pa.int64()), ("status", pa.string()),
+                            ("message", pa.large_string()), ("exit_code", pa.int64()),
+                            ("results", pa.large_string()), ("summary", pa.large_string()),
+                            ("worker", pa.string()), ("frames", pa.int64()),
+                            ("seconds", pa.float64())])
+        return pa.Table.from_pylist(outs, schema=schema)
+
+
+class _AttemptRegistry:
+    """Counts how often each video was started (a retry after a worker died shows as 2)."""
+
+    def __init__(self):
+        self.counts: Dict[int, int] = {}
+        self.workers: Dict[int, List[str]] = {}
+
+    def started(self, index: int, worker: str) -> None:
+        self.counts[index] = self.counts.get(index, 0) + 1
+        self.workers.setdefault(index, []).append(worker)
+
+    def snapshot(self) -> Tuple[Dict[int, int], Dict[int, List[str]]]:
+        return self.counts, self.workers
+
+
+# --------------------------------------------------------------------------------------------
+# resources -> actors
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RayOptions:
+    """How the collection maps onto the cluster (``--workers``, ``--ray-cpus-per-worker``,
+    ``--ray-gpus-per-worker``, ``--ray-retries``, ``--ray-bundle``); None = derive from the
+    cluster's resources (:func:`plan_workers`)."""
+
+    address: str = "auto"
+    workers: Optional[int] = None
+    cpus_per_worker: Optional[float] = None
+    gpus_per_worker: Optional[float] = None
+    retries: int = 2
+    bundle: str = "auto"  # ship | shared | auto
+
+
+def plan_workers(opts: RayOptions, cluster: Dict[str, float]) -> Tuple[int, float, float]:
+    """(workers, cpus per worker, gpus per worker) from the options and
+    ``ray.cluster_resources()``.
+
+    GPU cluster: one GPU per worker, as many workers as GPUs, CPUs split evenly (at most 4 each:
+    decoding and the host side). CPU cluster: 4 CPUs per worker (or all, if fewer), as many
+    workers as fit. Explicit options win; a plan that does not fit the cluster as it is now
+    is kept (an autoscaling cluster may grow) but said by the caller."""
+    cpus = float(cluster.get("CPU", 0.0))
+    gpus = float(cluster.get("GPU", 0.0))
+    gpw = opts.gpus_per_worker if opts.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+    if opts.workers is not None:
+        workers = int(opts.workers)
+    elif gpw > 0:
+        workers = max(1, int(gpus // gpw))
+    else:
+        cpw0 = opts.cpus_per_worker or min(4.0, max(1.0, cpus))
+        workers = max(1, int(cpus // cpw0))
+    if opts.cpus_per_worker is not None:
+        cpw = float(opts.cpus_per_worker)
+    elif gpw > 0:
+        cpw = max(1.0, min(4.0, float(int(cpus // workers)) if workers else 1.0))
+    else:
+        cpw = max(1.0, min(4.0, float(int(cpus // workers)) if workers else 1.0))
+    return workers, cpw, gpw
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RayRunSummary:
+    """What :func:`run_collection` did: finished indices, failures ``[(index, message)]``,
+    resumed count, attempts per index, per-worker totals, the written path, the exit code."""
+
+    total: int
+    done: List[int] = field(default_factory=list)
+    failures: List[Tuple[int, str]] = field(default_factory=list)
+    resumed: int = 0
+    attempts: Dict[int, int] = field(default_factory=dict)
+    workers: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    output: Optional[Path] = None
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.failures else 0
+
+
+def _quiet_ray_logs() -> None:
+    for name in ("ray", "ray.data", "ray._private", "ray.data._internal"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _init_ray(ray, address: str) -> bool:
+    """Join or start a cluster; returns True when this call started the connection (the
+    caller shuts it down). ``auto``: ``RAY_ADDRESS`` if set, else a running local cluster,
+    else a new local one; ``local``: always a new local one."""
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True,
+                  configure_logging=True)
+    if address == "local":
+        ray.init(address="local", **kwargs)
+    elif address == "auto":
+        ray.init(**kwargs) if not os.environ.get("RAY_ADDRESS") else \
+            ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise InputError(f"cannot join the Ray cluster at '{address}': {exc}") from None
+    return True
+
+
+def run_collection(bundle: str, refs: Sequence[VideoRef], jobs, journal, runner_opts: Dict,
+                   discover: Dict, *, strict: bool, opts: RayOptions, keep_going: bool,
+                   quiet: bool, threads: Optional[int]) -> RayRunSummary:
+    """Run the not-yet-finished ``refs`` on the cluster and commit each answer in ``journal``
+    (see the module docstring). Returns a :class:`RayRunSummary`; raises
+    :class:`DvisTrtError` for an error that stops the run (a stage error without
+    ``keep_going``, a worker that cannot load the bundle, a Ray failure)."""
+    ray = _import_ray()
+    import ray.data
+
+    total = len(refs)
+    summary = RayRunSummary(total=total, resumed=len(journal.resumed))
+    pending = [r for r in refs if not journal.done(r.index)]
+    if not pending:
+        return summary
+    say = (lambda line: None) if quiet else (lambda line: print(line, flush=True))
+    _quiet_ray_logs()
+    started = _init_ray(ray, opts.address)
+    t_start = time.perf_counter()
+    try:
+        cluster = ray.cluster_resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        workers, cpw, gpw = plan_workers(opts, cluster)
+        workers = min(workers, len(pending))
+        ort_threads = threads or max(1, int(cpw))
+        shared = opts.bundle == "shared" or (opts.bundle == "auto" and len(nodes) <= 1)
+        shipped = str(Path(bundle).absolute()) if shared else \
+            ship_bundle(ray, Path(bundle).absolute())
+        fits = workers * cpw <= cluster.get("CPU", 0) and workers * gpw <= cluster.get("GPU", 0)
+        say(f"ray: {len(nodes)} node(s), {cluster.get('CPU', 0):g} CPUs, "
+            f"{cluster.get('GPU', 0):g} GPUs -> {workers} worker(s) x ({cpw:g} CPU, "
+            f"{gpw:g} GPU, {ort_threads} thread(s)); bundle "
+            f"{'read from ' + str(shipped) if shared else 'shipped via the object store'}; "
+            f"{len(pending)} video(s) to run"
+            + ("" if fits else " (more than the cluster has now: actors start as it grows)"))
+        registry = ray.remote(num_cpus=0)(_AttemptRegistry).remote()
+        spec = {"bundle": shipped, "runner": dict(runner_opts, threads=ort_threads),
+                "discover": discover, "strict": strict, "total": total, "stage_retries": 1,
+                "registry": registry, "test_exit_on": os.environ.get(TEST_EXIT_ENV) or None}
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.max_errored_blocks = -1  # a video that kills its worker too often drops alone
+        ctx.execution_options.preserve_order = False
+        ds = ray.data.from_items([r.row() for r in pending], override_num_blocks=len(pending))
+        compute = ray.data.ActorPoolStrategy(size=workers) if fits else \
+            ray.data.ActorPoolStrategy(min_size=1, max_size=workers)
+        with warnings.catch_warnings():  # max_task_retries has no named parameter yet
+            warnings.simplefilter("ignore")
+            ds = ds.map_batches(VideoWorker, fn_constructor_args=(spec,), batch_size=1,
+                                batch_format="pyarrow", compute=compute, num_cpus=cpw,
+                                num_gpus=gpw or None, max_restarts=-1,
+                                max_task_retries=int(opts.retries))
+        summary = _consume(ds, pending, jobs, journal, summary, keep_going=keep_going,
+                           quiet=quiet, say=say, t_start=t_start)
+        try:
+            summary.attempts, _ = ray.get(registry.snapshot.remote(), timeout=30)
+        except Exception:  # pragma: no cover - the registry is best effort
+            pass
+        by_index = {r.index: r for r in pending}
+        seen = set(summary.done) | {i for i, _ in summary.failures}
+        for r in pending:  # dropped after --ray-retries worker deaths
+            if r.index not in seen:
+                n = summary.attempts.get(r.index, opts.retries + 1)
+                msg = (f"its Ray worker died {n} time(s) while running it (--ray-retries "
+                       f"{opts.retries}); the rest of the collection went on")
+                summary.failures.append((r.index, msg))
+                print(f"dvis-trt: skipped [{r.index + 1}/{total}] {by_index[r.index].name}: "
+                      f"{msg}", file=sys.stderr, flush=True)
+        summary.failures.sort()
+    finally:
+        summary.seconds = time.perf_counter() - t_start
+        if started:
+            ray.shutdown()
+    return summary
+
+
+def _consume(ds, pending, jobs, journal, summary: RayRunSummary, *, keep_going: bool,
+             quiet: bool, say, t_start: float) -> RayRunSummary:
+    import ray
+
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), unit="video", desc="videos", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=0.5)
+    echo = (lambda line: (bar.write(line) if bar is not None else say(line)))
+    total = summary.total
+    frames = 0
+    got = set()
+    rows = iter(ds.iter_rows())
+    try:
+        for row in rows:
+            i = int(row["index"])
+            if i in got:  # never commit a video twice
+                continue
+            got.add(i)
+            status = row["status"]
+            w = summary.workers.setdefault(row["worker"], {"videos": 0, "failed": 0,
+                                                           "frames": 0, "seconds": 0.0})
+            if status == "init_error":
+                raise DvisTrtError(f"a Ray worker ({row['worker']}) could not load the bundle: "
+                                   f"{row['message']}", exit_code=int(row["exit_code"]))
+            name = jobs[i].name
+            if status == "ok":
+                results = json.loads(row["results"])
+                journal.commit(i, results, json.loads(row["summary"]), keep=False)
+                summary.done.append(i)
+                frames += int(row["frames"])
+                w["videos"] += 1
+                w["frames"] += int(row["frames"])
+                w["seconds"] += float(row["seconds"])
+                echo(json.loads(row["summary"]).get("line", name))
+            else:
+                w["failed"] += 1
+                if status == "error" and (not keep_going or total == 1):
+                    raise DvisTrtError(f"{name}: {row['message']} (finished videos are kept; "
+                                       "--keep-going skips failing videos)",
+                                       exit_code=int(row["exit_code"]))
+                if status == "bad_input" and total == 1:
+                    raise InputError(row["message"])
+                summary.failures.append((i, row["message"]))
+                msg = f"dvis-trt: skipped [{i + 1}/{total}] {name}: {row['message']}"
+                if bar is not None:
+                    bar.write(msg, file=sys.stderr)
+                else:
+                    print(msg, file=sys.stderr, flush=True)
+            if bar is not None:
+                el = time.perf_counter() - t_start
+                bar.set_postfix_str(f"done {len(summary.done)}, failed "
+                                    f"{len(summary.failures)}, {frames / el:.1f} frames/s",
+                                    refresh=False)
+                bar.update(1)
+    except ray.exceptions.RayError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DvisTrtError(f"the Ray job failed: {first}", exit_code=70) from None
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:  # stops the streaming execution (its actors) at once on abort
+            close()
+        if bar is not None:
+            bar.close()
+    return summary
+
+
+def run_from_args(args) -> int:
+    """``dvis-trt run ... --ray``: the same checks and outputs as the local run."""
+    from .manifest import load_manifest
+    from .runner import check_outputs, load_class_names, overlay_paths
+    from .shards import key_for_run, open_journal, video_identity
+
+    _import_ray()
+    address, inputs = split_address(args.ray, args.inputs)
+    strict = not args.lenient
+    jobs, refs, category_ids, discover = collect_inputs(inputs, args.ytvis_json,
+                                                        args.ytvis_root, strict)
+    manifest = load_manifest(args.bundle, verify=not args.no_verify)
+    names = load_class_names(args.class_names, manifest.config.num_classes,
+                             manifest.config.class_names)
+    overlays = overlay_paths(args.overlay, jobs)
+    check_outputs(jobs, args.output, overlays)
+    for i, p in overlays.items():
+        refs[i].overlay = str(Path(p).absolute())
+    if category_ids is not None and len(category_ids) != manifest.config.num_classes:
+        category_ids = None  # as Runner does (it warns once, on each worker)
+    clip_frames = None if args.clip_frames == 0 else args.clip_frames
+    runner_opts = dict(backend=args.backend, window=args.window, clip_frames=clip_frames,
+                       memory_gb=args.memory_gb, class_names=names, category_ids=category_ids,
+                       overlay_min_score=args.overlay_min_score, providers=args.providers,
+                       checkpoint=args.checkpoint and str(Path(args.checkpoint).absolute()),
+                       config_file=args.config_file and str(Path(args.config_file).absolute()),
+                       verify=not args.no_verify)
+    key = key_for_run(manifest.root, backend=args.backend, providers=args.providers,
+                      window=args.window, clip_frames=clip_frames, memory_gb=args.memory_gb,
+                      category_ids=category_ids, lenient=bool(args.lenient))
+    idents = [video_identity(r.name, r.video_id, r.uri or (jobs[r.index].path or None))
+              for r in refs]
+    say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    opts = RayOptions(address=address, workers=args.workers,
+                      cpus_per_worker=args.ray_cpus_per_worker,
+                      gpus_per_worker=args.ray_gpus_per_worker, retries=args.ray_retries,
+                      bundle=args.ray_bundle)
+    with open_journal(args.output, key, idents, args.resume, say) as journal:
+        summary = run_collection(str(manifest.root), refs, jobs, journal, runner_opts, discover,
+                                 strict=strict, opts=opts, keep_going=args.keep_going,
+                                 quiet=args.quiet, threads=args.threads)
+        total = len(refs)
+        if not journal.finished:
+            raise InputError(f"none of the {total} videos could be processed (see the lines "
+                             "above); nothing was written")
+        written = journal.write(args.output, None)
+    frames = sum(w["frames"] for w in summary.workers.values())
+    tail = f"; {len(summary.failures)} of {total} videos skipped" if summary.failures else ""
+    if summary.resumed:
+        tail += f"; {summary.resumed} finished earlier (resumed)"
+    where = f" -> {written}" if written is not None else ""
+    say(f"{len(summary.done)} video(s), {frames} frames in {summary.seconds:.1f} s on Ray "
+        f"({frames / summary.seconds if summary.seconds > 0 else 0:.1f} frames/s, "
+        f"{len(summary.done) * 60 / summary.seconds if summary.seconds > 0 else 0:.1f} "
+        f"videos/min){where}{tail}")
+    retried = {i: n for i, n in summary.attempts.items() if n > 1}
+    if retried:
+        say("retried after a worker died: " + ", ".join(
+            f"{refs[i].name} ({n} attempts)" for i, n in sorted(retried.items())))
+    for w, s in sorted(summary.workers.items()):
+        say(f"worker {w}: {int(s['videos'])} video(s), {int(s['failed'])} failed, "
+            f"{int(s['frames'])} frames, {s['seconds']:.1f} s busy"
+            + (f" ({s['frames'] / s['seconds']:.1f} frames/s)" if s["seconds"] > 0 else ""))
+    if summary.failures:
+        print(f"dvis-trt: {len(summary.failures)} of {total} videos were skipped: "
+              + ", ".join(refs[i].name for i, _ in summary.failures), file=sys.stderr,
+              flush=True)
+    return summary.exit_code
