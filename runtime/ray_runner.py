@@ -318,9 +318,17 @@ class VideoWorker:
         from .video import open_source
 
         if row["uri"]:
+            uri = row["uri"]
+
+            def open_uri():
+                local = self._fetch(uri)
+                try:
+                    return open_source(local, strict=self.spec["strict"])
+                except InputError as exc:  # name the URI, not our temporary copy
+                    raise InputError(str(exc).replace(str(local), uri)) from None
+
             return VideoJob(name=row["name"], video_id=int(row["video_id"]), path=None,
-                            opener=lambda: open_source(self._fetch(row["uri"]),
-                                                       strict=self.spec["strict"]))
+                            opener=open_uri)
         pos = int(row["local_pos"])
         if not 0 <= pos < len(self.jobs) or self.jobs[pos].name != row["name"]:
             raise InputError(f"'{row['path']}' is not the same input on worker {self.worker} "
@@ -367,8 +375,10 @@ class VideoWorker:
                        exit_code=self.init_error[1])
             return out
         registry = self.spec.get("registry")
-        if registry is not None:
-            registry.started.remote(int(row["index"]), self.worker)
+        if registry is not None:  # waited for: an attempt is counted even if we die next
+            import ray
+
+            ray.get(registry.started.remote(int(row["index"]), self.worker))
         self._test_hook(row["name"])
         self._tmp_inputs: List[Path] = []
         attempts = 0

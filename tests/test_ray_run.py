@@ -148,3 +148,52 @@ def test_without_ray_the_option_says_what_to_install(tiny_bundle, collection, tm
     assert "pip install 'dvis-trt[ray]'" in err
     rc, _, err = _run([tiny_bundle, collection[0][0], "--workers", "2"], capsys)
     assert rc == 2 and "add --ray" in err
+
+
+def test_worker_retries_a_stage_error_once_then_fails_only_that_video():
+    """The actor's per-video contract without a cluster: an InputError is a bad video (no
+    retry), a stage error is retried once on the same actor, a repeating one fails the video
+    with the exit code the local CLI would give."""
+    from types import SimpleNamespace
+
+    from dvis_trt.runtime.errors import InputError
+    from dvis_trt.runtime.ray_runner import VideoWorker
+    from dvis_trt.runtime.runner import VideoJob
+
+    class FakeRunner:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def run_source(self, job, source, overlay):
+            self.calls += 1
+            if self.errors:
+                raise self.errors.pop(0)
+            return SimpleNamespace(results=[{"video_id": job.video_id, "score": 0.5}],
+                                   result=SimpleNamespace(num_frames=3),
+                                   summary=lambda line: {"line": line})
+
+        def summary_line(self, out, i, n):
+            return f"[{i + 1}/{n}] ok"
+
+    def worker(errors):
+        w = VideoWorker.__new__(VideoWorker)
+        w.spec, w.worker, w.init_error = {"total": 1, "strict": True, "stage_retries": 1}, "h:1", None
+        w.jobs = [VideoJob(name="v", video_id=1, path=None, opener=lambda: None)]
+        w.runner = FakeRunner(errors)
+        return w
+
+    row = {"index": 0, "name": "v", "video_id": 7, "path": "", "uri": "", "local_pos": 0,
+           "overlay": ""}
+    w = worker([RuntimeError("CUDA error")])
+    out = w._run_one(row)
+    assert out["status"] == "ok" and w.runner.calls == 2 and out["frames"] == 3
+    assert json.loads(out["results"]) == [{"video_id": 7, "score": 0.5}]
+    w = worker([RuntimeError("bad op"), RuntimeError("bad op")])
+    out = w._run_one(row)
+    assert (out["status"], out["exit_code"], w.runner.calls) == ("error", 70, 2)
+    assert out["message"] == "RuntimeError: bad op"
+    w = worker([InputError("no frames")])
+    out = w._run_one(row)
+    assert (out["status"], out["message"], w.runner.calls) == ("bad_input", "no frames", 1)
+    w = worker([MemoryError(), MemoryError()])
+    assert w._run_one(row)["exit_code"] == 3
