@@ -692,7 +692,9 @@ def run_from_args(args) -> int:
     names = load_class_names(args.class_names, manifest.config.num_classes,
                              manifest.config.class_names)
     overlays = overlay_paths(args.overlay, jobs)
-    check_outputs(jobs, args.output, overlays)
+    from .cli_run import read_paths  # the output-safety rule: same reads as the local run
+
+    check_outputs(jobs, args.output, overlays, reads=read_paths(args))
     for i, p in overlays.items():
         refs[i].overlay = str(Path(p).absolute())
     if category_ids is not None and len(category_ids) != manifest.config.num_classes:
