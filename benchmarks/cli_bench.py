@@ -23,6 +23,9 @@ from dvis_trt.runtime.errors import InputError
 __all__ = ["add_arguments", "run", "parse_int_list"]
 
 
+
+from dvis_trt.runtime.validate import count, number  # noqa: E402
+
 def parse_int_list(text: str, what: str) -> list:
     """``"12,48,192"`` -> ``[12, 48, 192]``; raises InputError naming ``what``."""
     try:
@@ -62,28 +65,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "file (default: the one the bundle was exported with)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for --config-file")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=count(1, 4096), default=None,
                         help="compute threads for every backend (torch intra-op, ORT intra-op, "
                              "mask resize); default: all available CPUs")
     parser.add_argument("--affinity", action="store_true",
                         help="also pin the process to the first --threads CPUs")
-    parser.add_argument("--frames", type=int, default=None, metavar="N",
+    parser.add_argument("--frames", type=count(1, 1_000_000), default=None, metavar="N",
                         help="use the first N frames of the video (default: all)")
-    parser.add_argument("--window", type=int, default=5, metavar="T",
+    parser.add_argument("--window", type=count(1, 256), default=5, metavar="T",
                         help="frames per segmenter call (default 5, the official window)")
-    parser.add_argument("--warmup", type=int, default=1,
+    parser.add_argument("--warmup", type=count(0, 1000), default=1,
                         help="untimed runs per backend (default 1; the first one is also the "
                              "parity run, so one is always made)")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=count(1, 1000), default=3,
                         help="timed end-to-end rounds per backend, alternating (default 3)")
-    parser.add_argument("--stage-iters", type=int, default=10,
+    parser.add_argument("--stage-iters", type=count(1, 100_000), default=10,
                         help="max timed calls per stage and backend (default 10)")
-    parser.add_argument("--stage-budget", type=float, default=30.0, metavar="SEC",
+    parser.add_argument("--stage-budget", type=number(0.0, 86400.0, lo_open=True), default=30.0, metavar="SEC",
                         help="about this many seconds per stage micro-benchmark; fewer "
                              "iterations (>= 3) for slow stages (default 30)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage runs")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
-    parser.add_argument("--gemm-seconds", type=float, default=2.0,
+    parser.add_argument("--gemm-seconds", type=number(0.0, 3600.0), default=2.0,
                         help="seconds per engine of the sustained-GEMM probe (default 2)")
     parser.add_argument("--gemm-sizes", default="1024,2048",
                         help="GEMM probe matrix sizes, comma-separated (default 1024,2048)")
@@ -91,9 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peak memory: sampled in this process (includes every loaded "
                              "model), 'isolated' = one extra run per backend in its own process "
                              "(honest per-backend peaks), or off")
-    parser.add_argument("--parity-iou", type=float, default=0.9,
+    parser.add_argument("--parity-iou", type=number(0.0, 1.0), default=0.9,
                         help="min video mask IoU of paired instances (fp32 rows; default 0.9)")
-    parser.add_argument("--parity-score-atol", type=float, default=1e-2,
+    parser.add_argument("--parity-score-atol", type=number(0.0, 1.0), default=1e-2,
                         help="max |score difference| of paired instances (fp32; default 1e-2; "
                              "reduced-precision rows use 5e-2)")
     parser.add_argument("--profile-ops", action="store_true",
@@ -108,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resolution sweep, frame heights at 16:9 (360,480,720)")
     parser.add_argument("--sweep-backends", default=None,
                         help="backends in the sweep (default: every timed row)")
-    parser.add_argument("--sweep-repeats", type=int, default=1, help="runs per sweep point (1)")
+    parser.add_argument("--sweep-repeats", type=count(1, 1000), default=1, help="runs per sweep point (1)")
     parser.add_argument("--out", default="bench_out", metavar="DIR",
                         help="folder for bench.json / bench.md / bench.png (default bench_out)")
     parser.add_argument("--json", default=None, help="JSON history file (default OUT/bench.json)")
@@ -130,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     full = getattr(args, "_argv", None)  # the command line as given (dvis_trt.runtime.cli.main)
     argv = list(full[1:]) if full else None
     args.bundle, args.video = resolve_bundles_and_video(args.paths, args.bundle, args.video, full)
+    from dvis_trt.runtime.validate import clamp_threads
+    args.threads = clamp_threads(args.threads)
     backends = [b.strip() for b in str(args.backends).split(",") if b.strip()]
     old = load_runs(args.compare)[-1] if args.compare else None  # fail early on a bad file
     out_dir = Path(args.out)

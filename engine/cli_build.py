@@ -11,6 +11,9 @@ from dvis_trt.runtime.cli import positive_int as _positive
 
 
 
+
+from dvis_trt.runtime.validate import count, number  # noqa: E402
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dvis_trt.runtime.cli_args import add_main_argument
 
@@ -39,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="buckets: one exact profile per padded size + a covering one "
                           "(fastest engines); range: one covering profile (fastest build)")
     b = parser.add_argument_group("builder")
-    b.add_argument("--workspace", type=float, default=None, metavar="GIB",
+    b.add_argument("--workspace", type=number(0.0, 65536.0, lo_open=True), default=None, metavar="GIB",
                    help="builder workspace limit in GiB (default: TensorRT's, the GPU memory)")
     b.add_argument("--opt-level", type=int, choices=range(0, 6), default=None,
                    help="TensorRT builder optimization level 0-5 (default 3)")
@@ -52,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--stages", default=None,
                    help="comma-separated subset of stages to build (default: all)")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    b.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    b.add_argument("--device", type=count(0, 1024), default=0, help="CUDA device index (default 0)")
 
 
 def limits_from_args(args: argparse.Namespace) -> BuildLimits:

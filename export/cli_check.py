@@ -67,6 +67,9 @@ class CheckRow:
         return d
 
 
+
+from dvis_trt.runtime.validate import count, number  # noqa: E402
+
 def diff_stats(got: np.ndarray, ref: np.ndarray) -> tuple:
     """(max_abs, max_rel, ref_max) of two arrays of the same shape (zeros for empty ones).
 
@@ -207,28 +210,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default="auto",
                         help="ONNX Runtime providers, comma-separated (cpu, cuda, tensorrt; "
                              "default auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per backend")
-    parser.add_argument("--frames", type=int, default=2, metavar="T",
+    parser.add_argument("--threads", type=count(1, 4096), default=None, help="CPU threads per backend")
+    parser.add_argument("--frames", type=count(1, 256), default=2, metavar="T",
                         help="segmenter window of the check (default 2)")
     parser.add_argument("--size", default=None, metavar="HxW",
                         help="padded image size, multiples of 32 (default: the config's "
                              "MIN_SIZE_TEST at 16:9)")
     parser.add_argument("--tracks", default="0,1,7", metavar="N[,N...]",
                         help="live-track counts tQ for tracker_step (default 0,1,7)")
-    parser.add_argument("--refiner-frames", type=int, default=6, metavar="L",
+    parser.add_argument("--refiner-frames", type=count(1, 10_000), default=6, metavar="L",
                         help="clip length L of the refiner check (default 6)")
-    parser.add_argument("--refiner-queries", type=int, default=None, metavar="Qr",
+    parser.add_argument("--refiner-queries", type=count(1, 10_000), default=None, metavar="Qr",
                         help="instance queries of the refiner check (default: NUM_NEW_INS)")
-    parser.add_argument("--mask-frames", type=int, default=3, metavar="t",
+    parser.add_argument("--mask-frames", type=count(1, 256), default=3, metavar="t",
                         help="frames per mask-head call in the check (default 3)")
-    parser.add_argument("--mask-queries", type=int, default=None, metavar="Qs",
+    parser.add_argument("--mask-queries", type=count(1, 10_000), default=None, metavar="Qs",
                         help="instances per mask-head call in the check (default: TEST.MAX_NUM)")
     parser.add_argument("--stages", nargs="*", default=None, help="only these stages")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random sample images (default 0)")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+    parser.add_argument("--rtol", type=number(0.0, 1e6), default=DEFAULT_RTOL,
                         help=f"pass if max-abs <= atol + rtol * max|ref| (default {DEFAULT_RTOL})")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+    parser.add_argument("--atol", type=number(0.0, 1e6), default=DEFAULT_ATOL,
                         help=f"absolute part of the pass criterion (default {DEFAULT_ATOL})")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the rows as JSON")
@@ -239,7 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _backend_from_args(name: str, args: argparse.Namespace):
     if name == "ort":
-        return make_backend("ort", providers=args.providers, threads=args.threads)
+        from dvis_trt.runtime.validate import clamp_threads
+        return make_backend("ort", providers=args.providers, threads=clamp_threads(args.threads))
     if name == "torch":
         return make_backend("torch", checkpoint=args.checkpoint, config_file=args.config_file,
                             overrides=args.opts, threads=args.threads,

@@ -16,12 +16,19 @@ from dvis_trt.runtime.errors import InputError
 __all__ = ["add_arguments", "run", "parse_size"]
 
 
+
+from dvis_trt.runtime.validate import count  # noqa: E402
+
 def parse_size(text: str) -> tuple:
     """``"480x864"`` -> ``(480, 864)`` (padded height x width). Raises InputError."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text or "")
     if not m:
         raise InputError(f"size {text!r} must look like HEIGHTxWIDTH, e.g. 480x864")
-    return int(m.group(1)), int(m.group(2))
+    from dvis_trt.runtime.validate import MAX_SIDE
+    h, w = int(m.group(1)), int(m.group(2))
+    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        raise InputError(f"size {text!r}: each side must be 1..{MAX_SIDE} pixels")
+    return h, w
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "logits and MSDA sampling coordinates in fp32 (default fp32)")
     parser.add_argument("--opset", type=int, default=17,
                         help="ONNX opset, 16..20 (default 17)")
-    parser.add_argument("--window", type=int, default=5, metavar="T",
+    parser.add_argument("--window", type=count(1, 256), default=5, metavar="T",
                         help="frames of the example segmenter input used to trace (T stays "
                              "dynamic; default 5, the official window)")
     parser.add_argument("--example-size", default=None, metavar="HxW",

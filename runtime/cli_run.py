@@ -14,6 +14,7 @@ import argparse
 from .errors import InputError
 from .cli import positive_int as _positive
 from .cli_args import add_main_argument
+from .validate import count, number
 
 __all__ = ["add_arguments", "run", "OVERLAY_SUFFIXES"]
 
@@ -56,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contact-sheet", default=None, metavar="out.png",
                         help="also write a PNG grid of overlay frames, evenly spaced, for a look "
                              "without a video player (several videos: out_<name>.png)")
-    parser.add_argument("--contact-sheet-frames", type=_positive, default=9, metavar="N",
+    parser.add_argument("--contact-sheet-frames", type=count(1, 1000), default=9, metavar="N",
                         help="frames in the contact sheet (default 9, a 3x3 grid)")
-    parser.add_argument("--overlay-min-score", type=float, default=0.3, metavar="S",
+    parser.add_argument("--overlay-min-score", type=number(0.0, 1.0), default=0.3, metavar="S",
                         help="instances below this score are not drawn (default 0.3, as the "
                              "official demo)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -67,20 +68,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=None, metavar="LIST",
                         help="ONNX Runtime execution providers in priority order, e.g. "
                              "'tensorrt,cuda,cpu' (default: CUDA if available, then CPU)")
-    parser.add_argument("--threads", type=_positive, default=None, metavar="N",
+    parser.add_argument("--threads", type=count(1, 4096), default=None, metavar="N",
                         help="intra-op threads per engine session (default: all cores)")
-    parser.add_argument("--window", type=_positive, default=5, metavar="T",
+    parser.add_argument("--window", type=count(1, 256), default=5, metavar="T",
                         help="frames per segmenter / mask-head call (default 5; results do not "
                              "depend on it)")
     parser.add_argument("--clip-frames", type=_clip_frames, default="auto", metavar="N",
                         help="process long videos in clips of N frames, tracker state carried "
                              "across clips (stable track ids, memory bounded by N). 0: the whole "
                              "video as one clip, as the official offline model. Default 'auto': "
-                             "one clip unless the video's per-frame features would exceed "
-                             "--memory-gb, then clips that fit (the run says so)")
-    parser.add_argument("--memory-gb", type=float, default=4.0, metavar="GB",
-                        help="host memory the clip features may take with --clip-frames auto "
-                             "(default 4)")
+                             "one clip unless the estimated peak memory (clip arrays, the "
+                             "refiner's time attention, weights, results) would exceed "
+                             "--memory-gb, then the longest clips that fit (the run says so)")
+    parser.add_argument("--memory-gb", type=number(0.0, 65536.0, lo_open=True), default=4.0,
+                        metavar="GB",
+                        help="peak host memory (resident set) that --clip-frames auto keeps the "
+                             "run under (default 4)")
     parser.add_argument("--ytvis-json", default=None, metavar="J",
                         help="run every video of a YouTube-VIS / OVIS dataset json")
     parser.add_argument("--ytvis-root", default=None, metavar="DIR",
@@ -115,16 +118,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "actors that each load the bundle once. ADDRESS: 'auto' (default: "
                           "RAY_ADDRESS, else a running local cluster, else a new local one), "
                           "'local', host:port or ray://host:port")
-    ray.add_argument("--workers", type=_positive, default=None, metavar="N",
+    ray.add_argument("--workers", type=count(1, 100_000), default=None, metavar="N",
                      help="actors (default: one per GPU, else one per 4 CPUs of the cluster)")
-    ray.add_argument("--ray-cpus-per-worker", type=float, default=None, metavar="C",
+    ray.add_argument("--ray-cpus-per-worker", type=number(0.0, 4096.0, lo_open=True), default=None, metavar="C",
                      help="CPUs each actor reserves; also its ONNX Runtime threads unless "
                           "--threads (default: the cluster's CPUs split over the actors, "
                           "at most 4)")
-    ray.add_argument("--ray-gpus-per-worker", type=float, default=None, metavar="G",
+    ray.add_argument("--ray-gpus-per-worker", type=number(0.0, 64.0), default=None, metavar="G",
                      help="GPUs each actor reserves (default: 1 when the cluster has GPUs, "
                           "else 0)")
-    ray.add_argument("--ray-retries", type=int, default=2, metavar="N",
+    ray.add_argument("--ray-retries", type=count(0, 100), default=2, metavar="N",
                      help="times a video is retried when its worker process dies while "
                           "running it (default 2); after that it is reported as failed")
     ray.add_argument("--ray-bundle", choices=("auto", "ship", "shared"), default="auto",

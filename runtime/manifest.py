@@ -417,6 +417,8 @@ class BundleConfig:
         for name in ("inference_select_threshold", "aux_inference_select_threshold",
                      "dis_fg_threshold"):
             kw[name] = float(kw[name])
+        from .validate import check_config_values  # finite, in range, consistent
+        check_config_values({**kw, **{k: d[k] for k in ("input_format",) if k in d}})
         if kw["class_names"] is not None:
             if len(kw["class_names"]) != kw["num_classes"]:
                 raise BundleError(f"manifest config has {len(kw['class_names'])} class_names "

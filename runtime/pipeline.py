@@ -156,12 +156,18 @@ class TrackHub:
                              logits[rows].astype(np.float32, copy=True)))
         self.started = True
 
-    def clip_tracks(self, clip_start: int, clip_len: int, noise_frame_num: int):
+    def clip_tracks(self, clip_start: int, clip_len: int, noise_frame_num: int,
+                    topk: Optional[int] = None, rank: Optional[Callable] = None):
         """Group the clip's records per track (official ``common_inference`` tail).
 
         Returns ``(track_ids (n,), mean_logits (n, K+1), instance_embeds (clip_len, n, C))``
         for the tracks kept by the noise filter, in birth order; frames of a track outside its
         span in the clip carry its similarity-guided position embed (official padding).
+
+        With ``topk`` (and ``rank``: ``mean_logits (n, K+1) -> scores (n,)``), only the ``topk``
+        best-ranked tracks are returned, best first (stable: birth order breaks ties), and only
+        their embeds are made dense: the host never holds a frames x all-tracks x C array
+        (official ``OFFLINE_TOPK_NUM`` selection, done before densifying instead of after).
         """
         recs = [r for r in self.records if clip_start <= r[0] < clip_start + clip_len]
         if not recs:
@@ -184,6 +190,13 @@ class TrackHub:
         np.add.at(sums, cols, logits[sel])
         counts = np.bincount(cols, minlength=len(track_ids)).astype(np.float64)
         mean_logits = (sums / counts[:, None]).astype(np.float32)
+        if topk is not None:
+            order = np.argsort(-rank(mean_logits), kind="stable")[:topk]
+            track_ids, mean_logits = track_ids[order], mean_logits[order]
+            col = np.full(self.next_id, -1, np.int64)
+            col[track_ids] = np.arange(len(track_ids))
+            sel = col[ids] >= 0
+            cols = col[ids[sel]]
         inst = np.broadcast_to(self.guided_all[track_ids][None],
                                (clip_len, len(track_ids), self.c)).copy()
         inst[frames[sel] - clip_start, cols] = embeds[sel]
@@ -242,8 +255,10 @@ def _encode_rle(masks: np.ndarray) -> List[List[dict]]:
     nwh = np.ascontiguousarray(np.asarray(masks, dtype=bool).transpose(0, 1, 3, 2))
     fortran = nwh.reshape(s * t, w, h).view(np.uint8).transpose(2, 1, 0)   # (H, W, S*t), F order
     rles = mask_util.encode(fortran)
+    size = [int(h), int(w)]  # one shared list: a long video holds many thousands of RLEs
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
+        r["size"] = size
     return [rles[i * t:(i + 1) * t] for i in range(s)]
 
 
@@ -376,13 +391,11 @@ class OfflinePipeline:
         frame_embeds = np.concatenate(frame_embeds)
         seg_logits = np.concatenate(seg_logits)
 
-        track_ids, mean_logits, inst = hub.clip_tracks(clip_start, t_len, s.noise_frame_num)
-        ids: List[int] = []
-        queries = np.zeros((t_len, 0, inst.shape[2]), np.float32)
-        if len(track_ids):
-            order = np.argsort(-fg_scores(mean_logits), kind="stable")[:s.offline_topk_num]
-            queries = inst[:, order]
-            ids = [int(i) for i in track_ids[order]]
+        # top-OFFLINE_TOPK_NUM tracks by the foreground score of their mean logits, selected
+        # before their embeds are made dense (memory: frames x topK x C, not x all tracks)
+        track_ids, _, queries = hub.clip_tracks(clip_start, t_len, s.noise_frame_num,
+                                                topk=s.offline_topk_num, rank=fg_scores)
+        ids: List[int] = [int(i) for i in track_ids]
         num_left = s.num_new_ins - queries.shape[1]
         if num_left > 0:
             link_logits, link_embeds = minvis_link(frame_embeds, seg_logits)

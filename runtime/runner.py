@@ -391,6 +391,10 @@ class VideoOutcome:
     contact_sheet: Optional[Path] = None
     #: presentation time (s) of each frame as stored (variable frame rate kept; None if unknown)
     timestamps: List[Optional[float]] = field(default_factory=list)
+    #: timeline ranges ``(start, stop)`` of frames lost to damage (lenient decoding)
+    lost_frames: List[Tuple[int, int]] = field(default_factory=list)
+    #: frames on the video's timeline (decoded + lost); the results have one entry per frame
+    timeline_frames: Optional[int] = None
 
     @property
     def fps(self) -> float:
@@ -399,7 +403,8 @@ class VideoOutcome:
     def summary(self, line: str = "") -> Dict[str, Any]:
         """What a video's shard records besides its results (JSON types)."""
         r = self.result
-        return {"name": self.job.name, "frames": int(r.num_frames),
+        return {"name": self.job.name, "frames": int(self.timeline_frames or r.num_frames),
+                "lost_frames": [list(x) for x in self.lost_frames],
                 "size": [int(x) for x in r.image_size], "tracks": int(r.num_tracks),
                 "instances": int(len(r.scores)), "seconds": round(float(self.seconds), 6),
                 "line": line}
@@ -476,6 +481,13 @@ class Runner:
             raise InputError(f"--clip-frames must be 'auto', 0 or >= 1, got {clip_frames}")
         if threads is not None and int(threads) < 1:
             raise InputError(f"--threads must be >= 1, got {threads}")
+        import math
+
+        from .validate import clamp_threads
+        threads = clamp_threads(threads)       # more threads than CPUs: clamped, with a warning
+        if not (isinstance(memory_gb, (int, float)) and math.isfinite(memory_gb)
+                and memory_gb > 0):
+            raise InputError(f"--memory-gb must be a finite number > 0, got {memory_gb}")
         self.manifest = bundle if isinstance(bundle, BundleManifest) else \
             load_manifest(bundle, verify=verify)
         if self.manifest.constants is None:
@@ -546,23 +558,48 @@ class Runner:
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
     # -- one video -----------------------------------------------------------------------------
-    def auto_clip_frames(self, source: VideoSource) -> Optional[int]:
-        """Clip length for ``--clip-frames auto``: None (one clip, the official behaviour)
-        when the whole video's per-frame state fits in ``memory_gb``, else the number of
-        frames that does. Per frame the pipeline keeps the mask features (D x Hp/4 x Wp/4
-        float32), the resized frame and the small embeds; an unknown frame count counts as
-        long."""
+    def clip_cost(self, source: VideoSource):
+        """The memory cost model of ``source`` on this bundle
+        (:class:`~dvis_trt.runtime.memory.ClipCost`)."""
+        from .memory import ClipCost
         from .preprocess import padded_shape, resize_shortest_edge_shape
 
         c = self.manifest.config
-        h, w = resize_shortest_edge_shape(source.size[0], source.size[1], c.min_size_test,
-                                          c.max_size_test)
-        hp, wp = padded_shape(h, w, c.size_divisibility)
-        per_frame = c.mask_dim * (hp // 4) * (wp // 4) * 4 + h * w * 3 + \
-            3 * c.num_queries * c.hidden_dim * 4
-        fit = max(self.pipeline.window, int(self.memory_gb * (1 << 30) // per_frame))
+        h0, w0 = source.size
+        h, w = resize_shortest_edge_shape(h0, w0, c.min_size_test, c.max_size_test)
+        weights = 0
+        for st in self.manifest.stages.values():
+            try:
+                weights += (self.manifest.root / st.file).stat().st_size
+            except OSError:
+                pass
+        return ClipCost.for_video(c, (h0, w0), (h, w),
+                                  padded_shape(h, w, c.size_divisibility),
+                                  window=self.pipeline.window, weight_bytes=weights)
+
+    def auto_clip_frames(self, source: VideoSource) -> Optional[int]:
+        """Clip length for ``--clip-frames auto``: None (one clip, the official behaviour)
+        when the whole video fits in ``memory_gb`` (the process's peak), else the longest clip
+        that does, evened out over the video (1,000 frames that fit 300 at a time: 4 clips of
+        250). The estimate counts every array that grows with the clip, the refiner's time
+        attention and the results (:mod:`~dvis_trt.runtime.memory`); an unknown frame count
+        counts as long. Warns once when even one segmenter window exceeds the budget."""
+        from .memory import plan_clip_frames
+
+        cost = self.clip_cost(source)
         n = source.num_frames
-        return None if n is not None and n <= fit else fit
+        clip, fits = plan_clip_frames(cost, self.memory_gb * (1 << 30), n,
+                                      min_frames=self.pipeline.window)
+        if not fits:
+            need = cost.peak_bytes(clip, n or clip) / (1 << 30)  # n None: the clip alone
+            print(f"dvis-trt: warning: --memory-gb {self.memory_gb:g} is below what even "
+                  f"{clip}-frame clips of this {source.size[1]}x{source.size[0]} video need "
+                  f"(about {need:.2f} GB); running {clip}-frame clips", file=sys.stderr,
+                  flush=True)
+        if clip is not None and n:
+            clips = -(-n // clip)
+            clip = -(-n // clips)
+        return clip
 
     def run_source(self, job: VideoJob, source: VideoSource,
                    overlay: Optional[PathLike] = None) -> VideoOutcome:
@@ -572,10 +609,12 @@ class Runner:
         kept) and whatever the backend raises."""
         bar = self._progress(job, source.num_frames)
         stamps: List[Optional[float]] = []
+        slots: List[int] = []
 
         def rgb_frames(frames):
-            for f in frames:  # frame index = decode order; the stored timestamps are kept
+            for f in frames:  # the stored timestamps and timeline slots are kept
                 stamps.append(f.pts_seconds)
+                slots.append(int(f.index))
                 yield f.rgb
 
         clip_frames = self.clip_frames
@@ -604,8 +643,11 @@ class Runner:
                      for i in range(len(result.scores))]
         dicts = ytvis_results(job.video_id, instances, self.category_ids,
                               num_frames=result.num_frames)
+        total = _place_on_timeline(dicts, slots, source)
         out = VideoOutcome(job=job, source=source, result=result, results=dicts,
-                           seconds=seconds, timestamps=stamps)
+                           seconds=seconds, timestamps=stamps,
+                           lost_frames=[tuple(r) for r in (source.lost_frames or ())],
+                           timeline_frames=total)
         if overlay is not None:
             try:
                 self.write_overlay(out, overlay)
@@ -660,6 +702,11 @@ class Runner:
                 "0 from the frame link")
         shown = int((r.scores >= self.overlay_min_score).sum())
         clips = f", {len(r.clips)} clips" if len(r.clips) > 1 else ""
+        if out.lost_frames:
+            n_lost = sum(b - a for a, b in out.lost_frames)
+            where = ", ".join(f"{a}" if b - a == 1 else f"{a}-{b - 1}" for a, b in out.lost_frames)
+            clips += (f", {n_lost} of {out.timeline_frames} frames lost to damage (frames "
+                      f"{where}: null in the results)")
         return (f"[{index + 1}/{total}] {out.job.name}: {r.num_frames} frames {h}x{w}{clips} | "
                 f"{r.num_tracks} tracks born (#id), {len(r.scores)} instances ({fill}; "
                 f"{shown} >= {self.overlay_min_score:g}) | top: {tops or '-'} | "
@@ -674,6 +721,24 @@ class Runner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _place_on_timeline(dicts: List[Dict[str, Any]], slots: Sequence[int],
+                       source: VideoSource) -> int:
+    """Put each decoded frame's segmentation at its slot on the video's timeline (lenient
+    decoding loses frames; those slots hold ``None``), in place. Returns the timeline's length:
+    one result entry per frame of the video, so later frames keep their true index."""
+    n = len(slots)
+    total = max(int(source.timeline_frames or 0), (slots[-1] + 1) if slots else 0, n)
+    if total == n and all(s == i for i, s in enumerate(slots)):
+        return n
+    for d in dicts:
+        segs = d["segmentations"]
+        placed: List[Optional[Dict[str, Any]]] = [None] * total
+        for k, slot in enumerate(slots):
+            placed[slot] = segs[k]
+        d["segmentations"] = placed
+    return total
 
 
 def check_outputs(jobs: Sequence[VideoJob], output: Optional[PathLike],

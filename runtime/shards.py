@@ -252,8 +252,17 @@ class ShardStore:
         video); returns its path. Raises ``TypeError``/``ValueError`` for data that is not
         JSON (nothing is written) and ``OSError`` for a full / read-only disk."""
         path = self.shard_path(ident)
-        atomic_write_json(path, {"format": SHARD_FORMAT, "key": self.key, "video": dict(ident),
-                                 "summary": dict(summary), "results": list(results)})
+        # streamed one result at a time: json.dumps of a long video's whole results builds its
+        # text in pieces first (tens of MB for 2,000 frames); the bytes are the same
+        head = json.dumps({"format": SHARD_FORMAT, "key": self.key, "video": dict(ident),
+                           "summary": dict(summary)}, default=_json_default, allow_nan=False)
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            f.write(head[:-1] + (", " if head != "{}" else "") + '"results": [')
+            for j, item in enumerate(results):
+                if j:
+                    f.write(", ")
+                f.write(json.dumps(item, default=_json_default, allow_nan=False))
+            f.write("]}")
         return path
 
     def results_of(self, ident: Mapping[str, Any]) -> List[Dict[str, Any]]:
@@ -264,18 +273,23 @@ class ShardStore:
                              f"changed during the run ({why or 'missing'}); run again")
         return shard.results
 
-    def merge(self, idents: Iterable[Mapping[str, Any]], output: Optional[PathLike] = None
+    def merge(self, idents: Iterable[Mapping[str, Any]], output: Optional[PathLike] = None,
+              *, in_memory: Optional[Sequence[Optional[Sequence[Mapping[str, Any]]]]] = None
               ) -> Path:
         """Write ``output`` (default: the store's output) atomically: the concatenation of
         the given videos' shard results, in the order given, one shard in memory at a time.
         The bytes equal ``json.dumps(all_results)`` (``", "`` between items, ``[]`` when
-        empty), i.e. what :func:`~dvis_trt.runtime.results.write_results` writes."""
+        empty), i.e. what :func:`~dvis_trt.runtime.results.write_results` writes.
+        ``in_memory[j]``: video ``j``'s results when this process still holds them (the
+        very objects its shard was written from), so its shard is not read back (a second
+        copy of a long video's results, and its JSON text, would double the peak memory)."""
         out = Path(output) if output is not None else self.output
         with atomic_open(out, "w", encoding="utf-8") as f:
             f.write("[")
             first = True
-            for ident in idents:
-                for item in self.results_of(ident):
+            for j, ident in enumerate(idents):
+                held = in_memory[j] if in_memory is not None and j < len(in_memory) else None
+                for item in (held if held is not None else self.results_of(ident)):
                     if not first:
                         f.write(", ")
                     f.write(json.dumps(item, default=_json_default, allow_nan=False))
@@ -406,7 +420,8 @@ class RunJournal:
             from .results import write_results
 
             return write_results(output, list(results or []))
-        written = self.store.merge([self.idents[i] for i in self.finished], output)
+        written = self.store.merge([self.idents[i] for i in self.finished], output,
+                                   in_memory=[self.committed.get(i) for i in self.finished])
         if len(self.finished) == len(self.idents):
             self.store.remove()
         return written

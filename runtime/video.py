@@ -65,8 +65,10 @@ class Frame:
     """One decoded frame.
 
     Attributes:
-        index: 0-based position in the order frames leave the decoder (for a frame folder: the
-            sorted file order).
+        index: 0-based position on the video's timeline: the order frames leave the decoder
+            (for a frame folder: the sorted file order), except that in lenient decoding the
+            frames lost to damage keep their slots (placed by timestamps), so the frames after
+            them keep their true index (see ``VideoSource.lost_frames``).
         pts_seconds: presentation timestamp in seconds as stored in the container (not
             re-based; variable frame rate preserved), ``index / fps`` for a frame folder with a
             given ``fps``, or ``None`` when unknown.
@@ -88,6 +90,10 @@ class VideoSource:
         fps: average frame rate (frames/s) or ``None`` when unknown.
         size: ``(H, W)`` of the frames :meth:`iter_frames` yields (after rotation).
         video_id: the dataset's video id (YouTube-VIS sources), else ``None``.
+        lost_frames: after a full :meth:`iter_frames`: ``[(start, stop), ...]`` timeline
+            ranges of frames lost to damage (lenient decoding only; empty otherwise).
+        timeline_frames: after a full :meth:`iter_frames`: the video's frame count on its
+            timeline (decoded + lost), or ``None`` when the source does not track it.
     """
 
     name: str
@@ -96,6 +102,8 @@ class VideoSource:
     fps: Optional[float]
     size: Tuple[int, int]
     video_id: Optional[int] = None
+    lost_frames: Sequence[Tuple[int, int]] = ()
+    timeline_frames: Optional[int] = None
 
     def iter_frames(self) -> Iterator[Frame]:
         """Yield every frame from the start; each call starts over. Raises InputError."""
@@ -244,6 +252,7 @@ class AVVideoSource(VideoSource):
         self.strict = bool(strict)
         self.threads = int(threads)
         self.video_id = None
+        self._damaged = False
         container = self._open()
         try:
             stream = self._video_stream(container)
@@ -353,12 +362,14 @@ class AVVideoSource(VideoSource):
                 if self.strict:
                     raise self._fail(n_good, f"decoding failed ({_one_line(exc)})") from None
                 n_skipped += 1
+                self._damaged = True
                 continue
             for frame in decoded:
                 if getattr(frame, "is_corrupt", False):
                     if self.strict:
                         raise self._fail(n_good, "the decoder flagged a corrupt frame")
                     n_skipped += 1
+                self._damaged = self._damaged or n_skipped > 0
                 n_good += 1
                 yield frame
         if n_skipped:
@@ -375,6 +386,13 @@ class AVVideoSource(VideoSource):
             truncated = gap > 2.5 / self.fps  # tolerance: rounding, edit lists, a held last frame
         else:
             truncated = short_count
+        if truncated and not self.strict:  # lenient: the lost tail stays on the timeline
+            total = self.num_frames
+            if total is None and self.duration_seconds is not None and self.fps:
+                total = int(round(self.duration_seconds * self.fps))
+            if total is not None and total > self.timeline_frames:
+                self.lost_frames.append((self.timeline_frames, total))
+                self.timeline_frames = total
         if truncated:
             expected = (f"{self.num_frames} frames" if self.num_frames is not None
                         else f"{self.duration_seconds:.3f} s")
@@ -398,13 +416,19 @@ class AVVideoSource(VideoSource):
             names the first frame that could not be decoded.
         """
         container = self._open()
+        self._damaged = False
+        self.lost_frames = []
+        self.timeline_frames = 0
         try:
             stream = self._video_stream(container)
             h0, w0 = self.stored_size
-            index = 0
+            index = 0      # decoded frames
+            slot = -1      # timeline index of the previous frame
+            prev_pts: Optional[float] = None
             last_end: Optional[float] = None
             for frame in self._decode(container, stream):
-                if frame.pts is not None and frame.time_base is not None:
+                stored = frame.pts is not None and frame.time_base is not None
+                if stored:
                     pts = float(frame.pts * frame.time_base)
                 elif last_end is not None:
                     pts = last_end
@@ -412,6 +436,16 @@ class AVVideoSource(VideoSource):
                     pts = index / self.fps
                 else:
                     pts = None
+                # lenient mode, after damage: frames the decoder lost are placed by the
+                # timestamps (a jump of k nominal frame durations = k - 1 lost frames), so
+                # every later frame keeps its index on the video's timeline
+                step = 1
+                if self._damaged and stored and prev_pts is not None and self.fps:
+                    step = max(1, int(round((pts - prev_pts) * self.fps)))
+                if step > 1:
+                    self.lost_frames.append((slot + 1, slot + step))
+                slot += step
+                prev_pts = pts if stored else prev_pts
                 if (frame.height, frame.width) != (h0, w0):
                     rgb = frame.to_ndarray(format="rgb24", width=w0, height=h0)
                 else:
@@ -422,8 +456,9 @@ class AVVideoSource(VideoSource):
                     if getattr(frame, "duration", None) and frame.time_base is not None:
                         dur = float(frame.duration * frame.time_base)
                     last_end = pts + (dur if dur else (1.0 / self.fps if self.fps else 0.0))
-                yield Frame(index, pts, rgb)
+                yield Frame(slot, pts, rgb)
                 index += 1
+                self.timeline_frames = slot + 1
             if index == 0:
                 raise InputError(f"video '{self.path}' contains no decodable video frames")
             self._check_complete(index, last_end)
@@ -627,9 +662,16 @@ def load_ytvis_videos(json_path: PathLike, root: PathLike) -> List[YtvisVideo]:
         raise InputError(f"'{json_path}' has no 'videos' list; is it a YouTube-VIS/OVIS "
                          f"annotation file?")
     out: List[YtvisVideo] = []
+    from .validate import check_ytvis_video  # ids, file names, lengths: one line each
+    seen_ids = set()
     for k, v in enumerate(videos):
         if not isinstance(v, dict) or "id" not in v or not v.get("file_names"):
             raise InputError(f"'{json_path}': videos[{k}] lacks 'id' or 'file_names'")
+        check_ytvis_video(v, k, f"'{json_path}'")
+        if v["id"] in seen_ids:
+            raise InputError(f"'{json_path}': video id {v['id']} appears twice; ids must be "
+                             "unique (results are keyed by them)")
+        seen_ids.add(v["id"])
         names = list(v["file_names"])
         length = int(v.get("length") or len(names))
         names = names[:length]
