@@ -226,6 +226,8 @@ def stage_dim_ranges(manifest: BundleManifest, limits: BuildLimits
                     "Qr": DimRange(n, n, qr_max)},
         "mask_head": {"t": DimRange(1, mask_window, mask_window),
                       "Qs": DimRange(1, max_num, max_num)},
+        # online mode: the tracks stored at a frame (live tracks + this frame's births)
+        "tracker_masks": {"tM": DimRange(1, opt_tracks, max(max_tracks + n, cfg.num_queries))},
     }
 
 

@@ -48,6 +48,9 @@ NAMED_CONFIGS: Dict[str, NamedConfig] = {c.name: c for c in (
     NamedConfig("vitl-ytvis21", "dvis_daq_offline_vitl_ytvis21.yaml", "ViT-Adapter-L",
                 "YouTube-VIS 2021",
                 "DVIS_DAQ/configs/dvis_daq/ytvis21/vit_adapter/DAQ_Offline_VitAdapterL.yaml"),
+    NamedConfig("r50-ovis-online", "dvis_daq_online_r50_ovis.yaml", "ResNet-50", "OVIS",
+                "DVIS_DAQ/configs/dvis_daq/ovis/DAQ_Online_R50.yaml",
+                "the online model (no refiner): its bundles serve `stream --mode online`"),
     NamedConfig("tiny", "tiny.yaml", "ResNet (reduced)", "OVIS", None,
                 "not official: r50-ovis with small widths, for the demo and tests"),
 )}

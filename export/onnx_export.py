@@ -44,7 +44,8 @@ from torch import nn
 
 import dvis_trt
 from dvis_trt.runtime.errors import BundleError, DependencyError, InputError
-from dvis_trt.runtime.manifest import (MANIFEST_NAME, MSDA_MODES, STAGE_NAMES, BundleConfig,
+from dvis_trt.runtime.manifest import (EXPORT_STAGE_NAMES, MANIFEST_NAME, MSDA_MODES,
+                                       ONLINE_STAGE_NAMES, BundleConfig,
                                        BundleManifest, ConstantsSpec, StageSpec, TensorSpec,
                                        stage_specs, write_manifest)
 
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 #: baked into a Reshape); (4) dynamo exports at opset 18 and down-converts to 17 with the
 #: version converter, one more transformation between the tested graph and the shipped one.
 #: Passing ``dynamo=False`` explicitly means a torch upgrade cannot silently switch exporter.
-EXPORTER: Dict[str, str] = {stage: "torchscript" for stage in STAGE_NAMES}
+EXPORTER: Dict[str, str] = {stage: "torchscript" for stage in EXPORT_STAGE_NAMES}
 #: GridSample (the ``onnx`` MSDA mode) needs opset 16; LayerNormalization is a single op from
 #: 17 on (TensorRT fuses it). The TorchScript exporter stops at 20.
 DEFAULT_OPSET = 17
@@ -484,10 +485,12 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
         raise InputError(f"--precision {precision!r}: use fp32, fp16 or bf16")
     values = bundle_values(cfg)
     config = BundleConfig.from_dict(values)
-    wanted = tuple(STAGE_NAMES if stages is None else stages)
-    unknown = [s for s in wanted if s not in STAGE_NAMES]
+    offline = isinstance(getattr(model, "refiner", None), nn.Module)
+    known = EXPORT_STAGE_NAMES if offline else ONLINE_STAGE_NAMES
+    wanted = tuple(known if stages is None else stages)
+    unknown = [s for s in wanted if s not in known]
     if unknown:
-        raise InputError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGE_NAMES)}")
+        raise InputError(f"unknown stage(s) {unknown}; stages are {', '.join(known)}")
     dest = Path(out_dir).absolute()
     from dvis_trt.outputs import clean_stale_temps, owned_entries, temp_path, write_marker
     owned_entries(dest, extra_owned=("engines",))   # refuses a file / a folder not ours
@@ -510,7 +513,8 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
     chain = dataclasses.replace(dims, frames=min(dims.frames, 2))
     with msda_mod.msda_mode("eager"):
         examples = sample_stage_inputs(eager_runner(mods), chain, arrays,
-                                       num_new_ins=config.num_new_ins, seed=seed)
+                                       num_new_ins=config.num_new_ins, seed=seed,
+                                       offline=offline)
     if chain.frames != dims.frames:
         examples["segmenter"] = {"images": sample_images(dims.frames, dims.height, dims.width,
                                                          np.random.default_rng(seed))}
@@ -592,7 +596,11 @@ def export_from_checkpoint(config_file: Union[str, os.PathLike],
                                             ("--config", config_path)],
                   folders=("--output",))
     cfg = load_config(config_path, overrides)
-    model = build_model(cfg)
+    if cfg.MODEL.META_ARCHITECTURE == "DVIS_DAQ_online":  # an official online checkpoint
+        from .model.build import build_online_model
+        model = build_online_model(cfg)
+    else:
+        model = build_model(cfg)
     load_checkpoint(model, checkpoint, strict=True,
                     config_name=named.name if named else os.fspath(config_file),
                     allow_unsafe_pickle=allow_unsafe_pickle)

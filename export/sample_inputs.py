@@ -122,8 +122,8 @@ def tracker_step_inputs(first: Mapping[str, np.ndarray], frame: Mapping[str, np.
 
 
 def sample_stage_inputs(run: Runner, dims: SampleDims, constants: Mapping[str, np.ndarray], *,
-                        num_new_ins: Optional[int] = None, seed: int = 0
-                        ) -> Dict[str, Dict[str, np.ndarray]]:
+                        num_new_ins: Optional[int] = None, seed: int = 0,
+                        offline: bool = True) -> Dict[str, Dict[str, np.ndarray]]:
     """Inputs for all five stages, chained through ``run`` from random images.
 
     * segmenter: ``images`` ~ N(0, 1) (normalised pixels), the bottom and right quarters zeroed
@@ -148,6 +148,7 @@ def sample_stage_inputs(run: Runner, dims: SampleDims, constants: Mapping[str, n
         num_new_ins: N, default ``Q`` (rows of ``seg_query_feat``; the official model needs
             N == Q); the default Qr.
         seed: seed of every random draw.
+        offline: also the refiner and mask_head inputs (False for an online model).
     Returns:
         ``{stage: {input name: array}}``; floats float32, ``slot_index`` int64.
     Raises:
@@ -170,6 +171,11 @@ def sample_stage_inputs(run: Runner, dims: SampleDims, constants: Mapping[str, n
     out["tracker_step"] = tracker_step_inputs(
         first, {k: seg[k][i] for k in ("frame_embeds", "mask_pooled", "mask_features")},
         constants, dims.tracks, rng)
+    # tracker_masks (online mode): tracker_first's embeds against frame 0's mask features
+    out["tracker_masks"] = {"embeds": np.ascontiguousarray(first["embeds"]),
+                            "mask_features": out["tracker_first"]["mask_features"]}
+    if not offline:  # an online model has no refiner / mask_head
+        return out
 
     big_l = dims.refiner_frames
     qr = n_new if dims.refiner_queries is None else int(dims.refiner_queries)

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dvis_trt.runtime.manifest import STAGE_NAMES, STAGE_SPECS
+from dvis_trt.runtime.manifest import EXPORT_STAGE_NAMES, ONLINE_STAGE_NAMES, STAGE_SPECS
 
 __all__ = ["SegmenterStage", "TrackerFirstStage", "TrackerStepStage", "RefinerStage",
-           "MaskHeadStage", "build_stages", "stage_input_names", "stage_output_names",
+           "MaskHeadStage", "TrackerMasksStage", "build_stages", "stage_input_names", "stage_output_names",
            "run_stage_eager", "eager_runner"]
 
 
@@ -119,6 +119,19 @@ class MaskHeadStage(nn.Module):
         return self.refiner.mask_head(mask_embed, mask_features)
 
 
+class TrackerMasksStage(nn.Module):
+    """``embeds`` (tM,C), ``mask_features`` (D,h,w) -> ``pred_masks`` (tM,h,w) logits: the
+    tracker's own masks of the tracks it stored this frame (online mode;
+    ``VideoInstanceCutter.forward_masks_folded``)."""
+
+    def __init__(self, tracker: nn.Module):
+        super().__init__()
+        self.tracker = tracker
+
+    def forward(self, embeds: Tensor, mask_features: Tensor) -> Tensor:
+        return self.tracker.forward_masks_folded(embeds, mask_features)
+
+
 def build_stages(model: nn.Module) -> Dict[str, nn.Module]:
     """The five stage modules of a :class:`~dvis_trt.export.model.dvis_daq.DvisDaqOffline`,
     keyed by stage name in pipeline order, in eval mode, sharing the model's parameters.
@@ -128,11 +141,16 @@ def build_stages(model: nn.Module) -> Dict[str, nn.Module]:
     so ``tracker_step`` is ready to run and exports them as a graph constant. Call it again
     after loading another checkpoint into ``model``.
 
+    An online model (no ``refiner``, :class:`~dvis_trt.export.model.dvis_daq_online.DvisDaqOnline`)
+    gets the stages of :data:`~dvis_trt.runtime.manifest.ONLINE_STAGE_NAMES` only; an offline one
+    all of :data:`~dvis_trt.runtime.manifest.EXPORT_STAGE_NAMES` (``tracker_masks`` included,
+    so one bundle serves both modes).
+
     Raises:
         ValueError: ``model`` lacks one of the children ``backbone``, ``sem_seg_head``,
-            ``tracker``, ``refiner``.
+            ``tracker``.
     """
-    for child in ("backbone", "sem_seg_head", "tracker", "refiner"):
+    for child in ("backbone", "sem_seg_head", "tracker"):
         if not isinstance(getattr(model, child, None), nn.Module):
             raise ValueError(f"build_stages: the model has no '{child}' module; pass a "
                              "DvisDaqOffline (dvis_trt.export.model.build.build_model)")
@@ -146,10 +164,12 @@ def build_stages(model: nn.Module) -> Dict[str, nn.Module]:
         "segmenter": SegmenterStage(segmenter),
         "tracker_first": TrackerFirstStage(model.tracker),
         "tracker_step": TrackerStepStage(model.tracker),
-        "refiner": RefinerStage(model.refiner),
-        "mask_head": MaskHeadStage(model.refiner),
     }
-    assert tuple(stages) == STAGE_NAMES
+    if isinstance(getattr(model, "refiner", None), nn.Module):
+        stages["refiner"] = RefinerStage(model.refiner)
+        stages["mask_head"] = MaskHeadStage(model.refiner)
+    stages["tracker_masks"] = TrackerMasksStage(model.tracker)
+    assert set(stages) in (set(EXPORT_STAGE_NAMES), set(ONLINE_STAGE_NAMES))
     return {k: v.eval() for k, v in stages.items()}
 
 

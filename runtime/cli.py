@@ -31,6 +31,8 @@ COMMANDS = {
               "compare a bundle's stages with eager PyTorch (or TensorRT with ONNX Runtime)"),
     "build": ("dvis_trt.engine.cli_build", "build TensorRT engines for a bundle (GPU)"),
     "run": ("dvis_trt.runtime.cli_run", "run videos through a bundle; write YouTube-VIS results"),
+    "stream": ("dvis_trt.runtime.cli_stream",
+               "run a live source (camera, stream URL, file) online; JSON Lines per frame"),
     "bench": ("dvis_trt.benchmarks.cli_bench",
               "benchmark backends side by side against the PyTorch baseline"),
     "build-plugins": ("dvis_trt.plugins.cli",

@@ -36,7 +36,8 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 from .errors import BundleError
 
 __all__ = [
-    "FORMAT_VERSION", "MANIFEST_NAME", "STAGE_NAMES", "MSDA_MODES", "PRECISIONS", "DTYPES",
+    "FORMAT_VERSION", "MANIFEST_NAME", "STAGE_NAMES", "ONLINE_STAGE_NAMES", "EXPORT_STAGE_NAMES",
+    "MSDA_MODES", "PRECISIONS", "DTYPES",
     "DERIVED_DIMS", "STAGE_SPECS", "Dim", "TensorSpec", "StageSpec", "ConstantsSpec",
     "BundleConfig", "BundleManifest", "stage_specs", "eval_dim", "resolve_shape",
     "shape_symbols", "simplify_dim", "infer_dims", "with_derived_dims", "sha256_file",
@@ -48,6 +49,11 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 #: Stage names in pipeline order (DESIGN.md's table).
 STAGE_NAMES = ("segmenter", "tracker_first", "tracker_step", "refiner", "mask_head")
+#: Stages of the online (per-frame) mode; ``tracker_masks`` is exported by default since it
+#: exists, but is optional in a bundle (older bundles serve the offline mode only).
+ONLINE_STAGE_NAMES = ("segmenter", "tracker_first", "tracker_step", "tracker_masks")
+#: Every stage ``export`` writes by default (offline bundles serve both modes).
+EXPORT_STAGE_NAMES = STAGE_NAMES + ("tracker_masks",)
 MSDA_MODES = ("onnx", "plugin", "trt-builtin")
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: Tensor dtype strings a manifest may use (numpy names).
@@ -518,6 +524,12 @@ STAGE_SPECS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = 
         (_t("mask_embed", ["t", "Qs", "D"]),
          _t("mask_features", ["t", "D", "h", "w"])),
         (_t("pred_masks", ["Qs", "t", "h", "w"]),),
+    ),
+    # online mode only (not needed by ``run``; bundles exported before it lack it)
+    "tracker_masks": (
+        (_t("embeds", ["tM", "C"]),
+         _t("mask_features", ["D", "h", "w"])),
+        (_t("pred_masks", ["tM", "h", "w"]),),
     ),
 }
 

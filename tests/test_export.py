@@ -39,7 +39,9 @@ from dvis_trt.export.stages import build_stages, eager_runner, run_stage_eager
 from dvis_trt.runtime.backends.ort_backend import OrtBackend
 from dvis_trt.runtime.config import load_config
 from dvis_trt.runtime.errors import InputError
-from dvis_trt.runtime.manifest import STAGE_NAMES, load_manifest, stage_specs
+from dvis_trt.runtime.manifest import EXPORT_STAGE_NAMES, load_manifest, stage_specs
+
+STAGE_NAMES = EXPORT_STAGE_NAMES  # offline stages + the online mode's tracker_masks
 
 TINY = Path(__file__).resolve().parents[1] / "runtime" / "configs" / "tiny.yaml"
 RTOL, ATOL = 1e-4, 1e-5

@@ -36,6 +36,10 @@ R50_TABLE = {
         [("mask_embed", "float32", ("t", "Qs", 256)),
          ("mask_features", "float32", ("t", 256, "h", "w"))],
         [("pred_masks", "float32", ("Qs", "t", "h", "w"))]),
+    # online mode (optional in a bundle): the tracker's own masks of the stored tracks
+    "tracker_masks": (
+        [("embeds", "float32", ("tM", 256)), ("mask_features", "float32", (256, "h", "w"))],
+        [("pred_masks", "float32", ("tM", "h", "w"))]),
 }
 
 CONFIG = {"source": "configs/x.yaml", "num_classes": 25, "num_queries": 100, "hidden_dim": 256,
@@ -55,7 +59,7 @@ def _as_table(specs):
 
 def test_stage_specs_match_design_table():
     assert _as_table(M.stage_specs(100, 256, 25, 100, 5)) == R50_TABLE
-    assert tuple(M.STAGE_SPECS) == M.STAGE_NAMES
+    assert tuple(M.STAGE_SPECS) == M.EXPORT_STAGE_NAMES
 
 
 def test_stage_specs_mask_dim_and_bad_values():

@@ -16,7 +16,8 @@ from dvis_trt.runtime.errors import DependencyError
 
 # tiny dims: Q=4 frame queries, C=D=8, K=2 classes (3 logits), N=4 new-instance queries, S=2
 SPECS = {n: M.StageSpec(n, f"{n}.onnx", "0" * 64, i, o)
-         for n, (i, o) in M.stage_specs(Q=4, C=8, K=2, N=4, S=2).items()}
+         for n, (i, o) in M.stage_specs(Q=4, C=8, K=2, N=4, S=2).items()
+         if n in M.STAGE_NAMES}  # the offline stages (tracker_masks: test_online_trt_plan)
 LIMITS = {"segmenter": {"T": 2, "Hp": 64, "Wp": 96},
           "tracker_first": {"h": 16, "w": 24},
           "tracker_step": {"tQ": 6, "h": 16, "w": 24},

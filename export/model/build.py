@@ -16,6 +16,7 @@ from dvis_trt.runtime.errors import InputError
 
 from .backbone import build_resnet
 from .dvis_daq import DvisDaqOffline, InferenceSettings
+from .dvis_daq_online import DvisDaqOnline
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .predictor import VideoMultiScaleMaskedTransformerDecoder_dvisPlus
 from .refiner import TemporalRefiner
@@ -25,10 +26,10 @@ from .tracker import VideoInstanceCutter
 SUPPORTED_BACKBONES = ("build_resnet_backbone", "D2VitAdapterDinoV2")
 
 
-def _check_supported(cfg: Any) -> None:
+def _check_supported(cfg: Any, archs=("DVIS_DAQ_offline",)) -> None:
     where = f" (config {cfg.source})" if getattr(cfg, "source", None) else ""
     arch = cfg.MODEL.META_ARCHITECTURE
-    if arch != "DVIS_DAQ_offline":
+    if arch not in archs:
         raise InputError(f"MODEL.META_ARCHITECTURE is {arch!r}{where}; dvis-trt exports "
                          "DVIS_DAQ_offline models (use an offline DAQ config)")
     backbone = cfg.MODEL.BACKBONE.NAME
@@ -60,6 +61,32 @@ def build_model(cfg: Any) -> DvisDaqOffline:
         InputError: for a meta-architecture, backbone or decoder this port does not implement.
     """
     _check_supported(cfg)
+    backbone, sem_seg_head, tracker, settings = _segmenter_and_tracker(cfg)
+    m, mf, vh = cfg.MODEL, cfg.MODEL.MASK_FORMER, cfg.MODEL.VIDEO_HEAD
+    refiner = TemporalRefiner(
+        hidden_channel=int(mf.HIDDEN_DIM), feedforward_channel=int(mf.DIM_FEEDFORWARD),
+        num_head=int(mf.NHEADS), decoder_layer_num=int(m.REFINER.DECODER_LAYERS),
+        mask_dim=int(mf.HIDDEN_DIM), class_num=int(m.SEM_SEG_HEAD.NUM_CLASSES),
+        windows=int(mf.TEST.WINDOW_SIZE), use_local_attn=bool(vh.USE_LOCAL_ATTN))
+    model = DvisDaqOffline(backbone, sem_seg_head, tracker, refiner, settings)
+    return model.eval()
+
+
+def build_online_model(cfg: Any) -> DvisDaqOnline:
+    """Build ``DvisDaqOnline`` (random init, eval mode) from a resolved config: an official
+    ``DVIS_DAQ_online`` config (its checkpoints load strictly), or an offline one (its
+    segmenter and tracker; load such a checkpoint with ``strict=False`` or through the bundle).
+
+    Raises:
+        InputError: as :func:`build_model`.
+    """
+    _check_supported(cfg, ("DVIS_DAQ_online", "DVIS_DAQ_offline"))
+    backbone, sem_seg_head, tracker, settings = _segmenter_and_tracker(cfg)
+    return DvisDaqOnline(backbone, sem_seg_head, tracker, settings).eval()
+
+
+def _segmenter_and_tracker(cfg: Any):
+    """(backbone, sem_seg_head, tracker, settings) built as the official ``from_config``."""
     m = cfg.MODEL
     r = m.RESNETS
     if m.BACKBONE.NAME == "D2VitAdapterDinoV2":
@@ -98,11 +125,5 @@ def build_model(cfg: Any) -> DvisDaqOffline:
         mask_dim=int(mf.HIDDEN_DIM),  # official: mask_dim=cfg.MODEL.MASK_FORMER.HIDDEN_DIM
         num_classes=int(ssh.NUM_CLASSES), num_new_ins=int(vh.NUM_NEW_INS),
         num_slots=int(vh.NUM_SLOTS), num_queries=int(mf.NUM_OBJECT_QUERIES))
-    refiner = TemporalRefiner(
-        hidden_channel=int(mf.HIDDEN_DIM), feedforward_channel=int(mf.DIM_FEEDFORWARD),
-        num_head=int(mf.NHEADS), decoder_layer_num=int(m.REFINER.DECODER_LAYERS),
-        mask_dim=int(mf.HIDDEN_DIM), class_num=int(ssh.NUM_CLASSES),
-        windows=int(mf.TEST.WINDOW_SIZE), use_local_attn=bool(vh.USE_LOCAL_ATTN))
     settings = InferenceSettings.from_values(inference_values(cfg))
-    model = DvisDaqOffline(backbone, sem_seg_head, tracker, refiner, settings)
-    return model.eval()
+    return backbone, sem_seg_head, tracker, settings

@@ -23,8 +23,8 @@ compared end to end in the tests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -142,6 +142,88 @@ def minvis_match(target: Tensor, current: Tensor) -> np.ndarray:
     return linear_sum_assignment(cost.t().numpy())[1]
 
 
+@dataclass
+class TrackerLoop:
+    """State of the official per-frame tracker loop across frames (``video_ins_hub``,
+    ``last_seq_ids`` and our deterministic id counter)."""
+
+    hub: Dict[int, TrackSequence] = field(default_factory=dict)
+    last_ids: Optional[List[int]] = None
+    next_id: int = 0
+
+
+@torch.no_grad()
+def track_frame(tracker: nn.Module, seg_query_feat: Tensor, s: InferenceSettings,
+                state: TrackerLoop, i: int, fe: Tensor, mf: Tensor, mp: Tensor,
+                seg_logits: Tensor) -> Tuple[Tensor, Tensor, List[Tuple[int, int, bool]]]:
+    """One frame of the official ``VideoInstanceCutter.inference`` loop (``dvis_daq/track_module.py``).
+
+    Args:
+        tracker: :class:`~.tracker.VideoInstanceCutter`; seg_query_feat: (Q, C) the segmenter's
+            ``query_feat.weight``; s: thresholds; state: the loop state (updated in place);
+            i: frame index (0 = first frame of the video, ``resume=False``);
+            fe (Q, C), mf (D, h, w), mp (Q, D), seg_logits (Q, K+1): this frame's segmenter
+            outputs.
+    Returns:
+        ``(embeds (n, C), logits (n, K+1), stored)``: the tracker's raw outputs of every query
+        row and, for each row the hub stored this frame, ``(row, track_id, valid)`` in
+        ``last_seq_ids`` order (valid rows and tracks in their grace period before kick-out).
+    """
+    tracker.set_seg_query_feat(seg_query_feat)  # the slot branch's start features
+    hub, last_ids = state.hub, state.last_ids
+    if i == 0:
+        embeds, logits, pos = tracker.forward_first(fe, mf)
+        seg_scores = F.softmax(seg_logits, dim=-1)[:, :-1].max(dim=-1)[0]
+        valid = seg_scores > s.aux_inference_select_threshold
+    else:
+        tq = torch.stack([hub[t].embeds[-1] for t in last_ids]) if last_ids else \
+            fe.new_zeros((0, fe.shape[-1]))
+        tpos = torch.stack([hub[t].sg_pos_embed for t in last_ids]) if last_ids else \
+            fe.new_zeros((0, fe.shape[-1]))
+        slot_index = cosine_hungarian_match(torch.cat([tq, tracker.bg_slots.weight]),
+                                            seg_query_feat)
+        embeds, logits, slot_logits, pos = tracker.forward_step(tq, tpos, fe, mp, mf, slot_index)
+        n_tq = tq.shape[0]
+        scores = F.softmax(logits, dim=-1)[:, :-1].max(dim=-1)[0]
+        if s.ovis_infer:
+            fg = F.softmax(slot_logits, dim=-1)[:, :-1].max(dim=-1)[0]
+            valid_trc = (scores[:n_tq] > s.inference_select_threshold) & \
+                (fg > s.dis_fg_threshold)
+            valid = torch.cat([valid_trc, scores[n_tq:] > s.inference_select_threshold])
+        else:
+            valid = scores > s.inference_select_threshold
+    cur_ids: List[int] = []
+    stored: List[Tuple[int, int, bool]] = []
+    for k in range(embeds.shape[0]):
+        tracked = last_ids is not None and k < len(last_ids)
+        if bool(valid[k]):
+            if tracked:
+                tid = last_ids[k]
+            else:
+                tid = state.next_id
+                state.next_id += 1
+                hub[tid] = TrackSequence(i, tid)
+            seq = hub[tid]
+            seq.embeds.append(embeds[k])
+            seq.logits.append(logits[k])
+            seq.invalid_frames = 0
+            seq.update_pos(pos[k])
+            cur_ids.append(tid)
+            stored.append((k, tid, True))
+        elif tracked:
+            seq = hub[last_ids[k]]
+            seq.invalid_frames += 1
+            if seq.invalid_frames >= KICK_OUT_FRAME_NUM:
+                seq.dead = True
+                continue
+            seq.embeds.append(embeds[k])
+            seq.logits.append(logits[k])
+            cur_ids.append(seq.track_id)
+            stored.append((k, seq.track_id, False))
+    state.last_ids = cur_ids
+    return embeds, logits, stored
+
+
 class DvisDaqOffline(nn.Module):
     """DVIS-DAQ offline, eager, whole clip at once.
 
@@ -191,65 +273,12 @@ class DvisDaqOffline(nn.Module):
     def run_tracker(self, seg: Dict[str, Tensor]) -> Dict[int, TrackSequence]:
         """The referring tracker over all frames (official ``VideoInstanceCutter.inference`` for
         a clip starting at frame 0, ``resume=False``). Returns the track hub in birth order."""
-        s = self.settings
-        tracker = self.tracker
-        fe, mf, mp = seg["frame_embeds"], seg["mask_features"], seg["mask_pooled"]
-        seg_scores = F.softmax(seg["pred_logits"], dim=-1)[..., :-1].max(dim=-1)[0]
-        seg_query_feat = self.sem_seg_head.predictor.query_feat.weight
-        tracker.set_seg_query_feat(seg_query_feat)  # the slot branch's start features
-        bg_slots = tracker.bg_slots.weight
-        hub: Dict[int, TrackSequence] = {}
-        last_ids: Optional[List[int]] = None
-        next_id = 0
-        for i in range(fe.shape[0]):
-            if i == 0:
-                embeds, logits, pos = tracker.forward_first(fe[i], mf[i])
-                valid = seg_scores[i] > s.aux_inference_select_threshold
-                n_tq = 0
-            else:
-                tq = torch.stack([hub[t].embeds[-1] for t in last_ids]) if last_ids else \
-                    fe.new_zeros((0, fe.shape[-1]))
-                tpos = torch.stack([hub[t].sg_pos_embed for t in last_ids]) if last_ids else \
-                    fe.new_zeros((0, fe.shape[-1]))
-                slot_index = cosine_hungarian_match(torch.cat([tq, bg_slots]), seg_query_feat)
-                embeds, logits, slot_logits, pos = tracker.forward_step(
-                    tq, tpos, fe[i], mp[i], mf[i], slot_index)
-                n_tq = tq.shape[0]
-                scores = F.softmax(logits, dim=-1)[:, :-1].max(dim=-1)[0]
-                if s.ovis_infer:
-                    fg = F.softmax(slot_logits, dim=-1)[:, :-1].max(dim=-1)[0]
-                    valid_trc = (scores[:n_tq] > s.inference_select_threshold) & \
-                        (fg > s.dis_fg_threshold)
-                    valid = torch.cat([valid_trc, scores[n_tq:] > s.inference_select_threshold])
-                else:
-                    valid = scores > s.inference_select_threshold
-            cur_ids: List[int] = []
-            for k in range(embeds.shape[0]):
-                tracked = last_ids is not None and k < len(last_ids)
-                if bool(valid[k]):
-                    if tracked:
-                        tid = last_ids[k]
-                    else:
-                        tid = next_id
-                        next_id += 1
-                        hub[tid] = TrackSequence(i, tid)
-                    seq = hub[tid]
-                    seq.embeds.append(embeds[k])
-                    seq.logits.append(logits[k])
-                    seq.invalid_frames = 0
-                    seq.update_pos(pos[k])
-                    cur_ids.append(tid)
-                elif tracked:
-                    seq = hub[last_ids[k]]
-                    seq.invalid_frames += 1
-                    if seq.invalid_frames >= KICK_OUT_FRAME_NUM:
-                        seq.dead = True
-                        continue
-                    seq.embeds.append(embeds[k])
-                    seq.logits.append(logits[k])
-                    cur_ids.append(seq.track_id)
-            last_ids = cur_ids
-        return hub
+        state = TrackerLoop()
+        for i in range(seg["frame_embeds"].shape[0]):
+            track_frame(self.tracker, self.sem_seg_head.predictor.query_feat.weight,
+                        self.settings, state, i, seg["frame_embeds"][i], seg["mask_features"][i],
+                        seg["mask_pooled"][i], seg["pred_logits"][i])
+        return state.hub
 
     # ------------------------------------------------------------------ offline head
     @torch.no_grad()

@@ -269,3 +269,37 @@ class VideoInstanceCutter(nn.Module):
         pred_logits, out_pos = self._head(embeds, mask_features)
         slot_logits = self.class_embed(self.decoder_norm(slots[:-n_slots, 0]))
         return embeds, pred_logits, slot_logits, out_pos
+
+    # ------------------------------------------------------------------ online outputs
+    def forward_masks(self, embeds: Tensor, mask_features: Tensor) -> Tensor:
+        """The tracker's own per-frame mask logits of ``embeds`` (official ``prediction`` on the
+        last layer: ``einsum(mask_embed(decoder_norm(x)), mask_feature_proj(mask_features))``,
+        the ``pred_masks`` that ``VideoInstanceCutter.inference`` stores per track and frame).
+
+        Args:
+            embeds: (n, C) float32 raw last-layer outputs (the ``embeds`` of ``forward_first`` /
+                ``forward_step``), n >= 0.
+            mask_features: (D, h, w) float32 original (un-projected) mask features of the frame.
+        Returns:
+            (n, h, w) float32 mask logits (a pixel is foreground where the logit is > 0).
+        """
+        mask_embed = self.mask_embed(self.decoder_norm(embeds))                     # n, D
+        proj = self.mask_feature_proj(mask_features.unsqueeze(0))[0]                # D, h, w
+        return torch.einsum("nc,chw->nhw", mask_embed, proj)
+
+    def forward_masks_folded(self, embeds: Tensor, mask_features: Tensor) -> Tensor:
+        """:meth:`forward_masks` with the 1x1 ``mask_feature_proj`` folded into the embeds (the
+        ``tracker_masks`` stage): ``(e W) . f + e . b`` instead of ``e . (W f + b)`` — the same
+        value up to float32 summation order, at n*D*h*w instead of D*D*h*w multiply-adds (the
+        projection of the whole feature map would cost more than the masks of 20 tracks).
+
+        Shapes as :meth:`forward_masks`; ``n`` is dynamic in ONNX.
+        """
+        mask_embed = self.mask_embed(self.decoder_norm(embeds))                     # n, D
+        conv = self.mask_feature_proj
+        weight = conv.weight.flatten(1)                                             # D_out, D_in
+        folded = torch.matmul(mask_embed, weight)                                   # n, D_in
+        bias = torch.matmul(mask_embed, conv.bias)                                  # n
+        d, h, w = mask_features.shape
+        masks = torch.matmul(folded, mask_features.reshape(d, h * w))               # n, hw
+        return (masks + bias.unsqueeze(1)).reshape(-1, h, w)

@@ -60,18 +60,20 @@ CLIP_STORES = {"mask_features": ("segmenter", "mask_features"),
 STORE_VIEWS = {("refiner", "frame_embeds"): "frame_embeds",
                ("mask_head", "mask_features"): "mask_features",
                ("tracker_first", "mask_features"): "mask_features",
-               ("tracker_first", "frame_embeds"): "frame_embeds"}
+               ("tracker_first", "frame_embeds"): "frame_embeds",
+               ("tracker_masks", "mask_features"): "mask_features"}
 #: Outputs the host logic needs every call (copied to pinned host memory asynchronously).
 HOST_FETCHED = {("segmenter", "pred_logits"), ("segmenter", "frame_embeds"),
                 ("tracker_first", "embeds"), ("tracker_first", "pred_logits"),
                 ("tracker_first", "track_pos"),
                 ("tracker_step", "embeds"), ("tracker_step", "pred_logits"),
                 ("tracker_step", "slot_logits"), ("tracker_step", "track_pos_out"),
-                ("refiner", "pred_logits"), ("mask_head", "pred_masks")}
+                ("refiner", "pred_logits"), ("mask_head", "pred_masks"),
+                ("tracker_masks", "pred_masks")}
 #: Inputs that come from the host (staged through pinned memory). ``images`` is double-buffered.
 HOST_FED = {("segmenter", "images"), ("tracker_step", "track_queries"),
             ("tracker_step", "track_pos"), ("tracker_step", "slot_index"),
-            ("refiner", "instance_embeds")}
+            ("refiner", "instance_embeds"), ("tracker_masks", "embeds")}
 DOUBLE_BUFFERED = {("segmenter", "images")}
 #: Stages replayed from CUDA graphs (per (profile, dims) key, after one warm-up call).
 GRAPH_STAGES = {"tracker_step"}
