@@ -42,7 +42,11 @@ __all__ = ["machine_info", "build_engines", "refuse_gridsample", "default_plugin
 #: bf16 has 2^-8 (~4e-3 per op).
 TOLERANCES = {"fp32": {"rtol": 1e-3, "atol": 1e-3},
               "fp16": {"rtol": 2e-2, "atol": 2e-2},
-              "bf16": {"rtol": 5e-2, "atol": 5e-2}}
+              "bf16": {"rtol": 5e-2, "atol": 5e-2},
+              # int8: both sides run the same Q/DQ graph (explicit quantization), but a value
+              # on a rounding boundary moves by one step (1/127 of the tensor's range) and
+              # TensorRT fuses the requantization differently from ONNX Runtime
+              "int8": {"rtol": 1e-1, "atol": 1e-1}}
 
 
 def _trt():

@@ -195,6 +195,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_main_argument(parser, "bundle", kind="bundle", metavar="BUNDLE", flags=("--bundle",),
                       related=("checkpoint",), accepts=("folder",),
                       help="bundle folder (dvis-trt export)")
+    parser.add_argument("--against", nargs="+", metavar=("FP32_BUNDLE/", "VIDEO"),
+                        default=None,
+                        help="accuracy report of BUNDLE (int8/fp16/bf16) against the fp32 "
+                             "bundle on one or more videos / frame folders: instances matched, "
+                             "labels, mask IoU, scores, tracks, per-stage errors; exit 1 when "
+                             "the verdict fails")
+    parser.add_argument("--report", metavar="PATH", default=None,
+                        help="with --against: also write the report as JSON")
     parser.add_argument("--checkpoint", metavar="model.pth",
                         help="weights of the eager side (default: the checkpoint the bundle's "
                              "manifest records, refused if the file changed since the export)")
@@ -251,12 +259,33 @@ def _backend_from_args(name: str, args: argparse.Namespace):
     return make_backend(name, args)
 
 
+def run_against(args: argparse.Namespace) -> int:
+    """``check BUNDLE --against FP32_BUNDLE VIDEO...``: the accuracy report
+    (:mod:`dvis_trt.runtime.accuracy`); prints it, returns 0 on PASS and 1 on FAIL."""
+    from dvis_trt.runtime.accuracy import compare_bundles, write_report
+
+    against, videos = args.against[0], args.against[1:]
+    if not videos:
+        raise InputError("check --against needs one or more videos to compare on: dvis-trt "
+                         "check BUNDLE --against FP32_BUNDLE VIDEO [VIDEO ...]")
+    report = compare_bundles(args.bundle, against, videos, threads=args.threads,
+                             progress=lambda s: print(s, flush=True))
+    print("per-stage relative error (max / mean |diff| over max |fp32|):")
+    print("\n".join(report.stage_lines()))
+    if args.report:
+        write_report(report, args.report)
+    print(report.verdict())
+    return 0 if report.passed else 1
+
+
 def run(args: argparse.Namespace) -> int:
     """Compare; print the table. Returns 0 when every output passes, 1 otherwise."""
-    from dvis_trt.runtime.manifest import STAGE_NAMES, load_manifest
     from dvis_trt.runtime.cli_args import resolve_main_arguments
 
     resolve_main_arguments(args)
+    if args.against:
+        return run_against(args)
+    from dvis_trt.runtime.manifest import STAGE_NAMES, load_manifest
 
     from .cli_export import parse_size
     from .onnx_export import example_dims

@@ -53,10 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'plugin' our custom node (TensorRT plugin / ORT CPU twin), "
                              "'trt-builtin' TensorRT's MultiscaleDeformableAttnPlugin_TRT "
                              "(default: onnx)")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
                         help="precision the graphs say to run in (TensorRT builds strongly typed "
                              "networks): fp16/bf16 keep LayerNorm, Softmax, reductions, attention "
-                             "logits and MSDA sampling coordinates in fp32 (default fp32)")
+                             "logits and MSDA sampling coordinates in fp32; int8 adds explicit "
+                             "Q/DQ to the segmenter's convolutions and linears, calibrated on "
+                             "--calibration (default fp32)")
     parser.add_argument("--opset", type=int, default=17,
                         help="ONNX opset, 16..20 (default 17)")
     parser.add_argument("--window", type=count(1, 256), default=5, metavar="T",
@@ -69,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides (detectron2 style), recorded in the manifest")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random example inputs used to trace (default 0)")
+    from .cli_quantize import add_calibration_arguments
+    add_calibration_arguments(parser, required=False)
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="allow arbitrary pickled objects in the checkpoint (only for files "
                              "you trust)")
@@ -76,20 +80,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export; prints one line per stage and a summary. Returns 0 (errors raise
-    :class:`~dvis_trt.runtime.errors.DvisTrtError`, which the CLI prints as one line)."""
+    :class:`~dvis_trt.runtime.errors.DvisTrtError`, which the CLI prints as one line).
+
+    ``--precision int8`` exports fp32 into a temporary bundle next to ``--output`` and
+    quantizes it from there (:func:`dvis_trt.export.quantize.quantize_bundle`); fp16/bf16 with
+    ``--validation`` (or ``--calibration``) also export that fp32 twin to write the accuracy
+    report. The temporary fp32 bundle is removed at the end."""
     from .onnx_export import export_from_checkpoint
     from dvis_trt.runtime.cli_args import resolve_main_arguments
 
     resolve_main_arguments(args)
 
     size = parse_size(args.example_size) if args.example_size else None
+    if args.precision == "int8" and not args.calibration:
+        raise InputError("--precision int8 needs --calibration VIDEO_OR_FOLDER (frames to "
+                         "calibrate the activation ranges on)")
     t0 = time.perf_counter()
-    manifest = export_from_checkpoint(
-        args.config_file, args.checkpoint, args.output, msda=args.msda, opset=args.opset,
-        precision=args.precision,
-        window=args.window, overrides=list(args.opts or []), example_size=size,
-        allow_unsafe_pickle=args.allow_unsafe_pickle, seed=args.seed,
-        progress=lambda line: print(line, flush=True))
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    common = dict(msda=args.msda, opset=args.opset, window=args.window,
+                  overrides=list(args.opts or []), example_size=size,
+                  allow_unsafe_pickle=args.allow_unsafe_pickle, seed=args.seed, progress=say)
+    videos = args.validation or args.calibration
+    twin = args.precision == "int8" or (args.precision != "fp32" and videos
+                                        and not args.no_report)
+    if not twin:
+        manifest = export_from_checkpoint(args.config_file, args.checkpoint, args.output,
+                                          precision=args.precision, **common)
+    else:
+        import secrets
+        import shutil
+        from pathlib import Path
+
+        out = Path(args.output).absolute()
+        fp32_dir = out.with_name(f".{out.name}.fp32-{secrets.token_hex(4)}")
+        try:
+            say("exporting the fp32 graphs first")
+            export_from_checkpoint(args.config_file, args.checkpoint, fp32_dir, precision="fp32",
+                                   **common)
+            if args.precision == "int8":
+                from .quantize import quantize_bundle
+                manifest, _ = quantize_bundle(
+                    fp32_dir, out, args.calibration, num_frames=args.calibration_frames,
+                    tool=args.quant_tool, validation=args.validation,
+                    report=not args.no_report, progress=say)
+            else:
+                from dvis_trt.runtime.accuracy import REPORT_FILE, compare_bundles, write_report
+                manifest = export_from_checkpoint(args.config_file, args.checkpoint, out,
+                                                  precision=args.precision, **common)
+                acc = compare_bundles(out, fp32_dir, videos, progress=say)
+                write_report(acc, out / REPORT_FILE)
+                say(f"accuracy vs fp32: {acc.verdict()}")
+        finally:
+            shutil.rmtree(fp32_dir, ignore_errors=True)
     total = sum((manifest.root / s.file).stat().st_size for s in manifest.stages.values())
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(manifest.stages)} stages, "
           f"{total / 1e6:.1f} MB of ONNX in {manifest.root}")

@@ -482,7 +482,8 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
                          f"(GridSample needs 16; the TorchScript exporter stops at {MAX_OPSET})")
     say = progress or (lambda line: log.info("%s", line))
     if precision not in ("fp32", "fp16", "bf16"):
-        raise InputError(f"--precision {precision!r}: use fp32, fp16 or bf16")
+        raise InputError(f"--precision {precision!r}: use fp32, fp16 or bf16 here (int8: "
+                         "dvis_trt.export.quantize.quantize_bundle on the fp32 bundle)")
     values = bundle_values(cfg)
     config = BundleConfig.from_dict(values)
     offline = isinstance(getattr(model, "refiner", None), nn.Module)

@@ -29,6 +29,9 @@ COMMANDS = {
                 "list the config names --config accepts (r50-ovis, vitl-ytvis19, ...)"),
     "check": ("dvis_trt.export.cli_check",
               "compare a bundle's stages with eager PyTorch (or TensorRT with ONNX Runtime)"),
+    "quantize": ("dvis_trt.export.cli_quantize",
+                 "an int8 copy of an fp32 bundle, calibrated on your video(s), with its "
+                 "accuracy report"),
     "build": ("dvis_trt.engine.cli_build", "build TensorRT engines for a bundle (GPU)"),
     "run": ("dvis_trt.runtime.cli_run", "run videos through a bundle; write YouTube-VIS results"),
     "stream": ("dvis_trt.runtime.cli_stream",

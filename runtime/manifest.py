@@ -55,7 +55,7 @@ ONLINE_STAGE_NAMES = ("segmenter", "tracker_first", "tracker_step", "tracker_mas
 #: Every stage ``export`` writes by default (offline bundles serve both modes).
 EXPORT_STAGE_NAMES = STAGE_NAMES + ("tracker_masks",)
 MSDA_MODES = ("onnx", "plugin", "trt-builtin")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 #: Tensor dtype strings a manifest may use (numpy names).
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8")
 #: Symbols defined from others when the latter are known (segmenter: mask features at stride 4).

@@ -61,16 +61,23 @@ def test_names():
     assert EM.engine_dir_name(H200, "fp16") == "nvidia-h200-sm90-trt11.1.0-fp16"
     assert EM.engine_dir_name(EM.MachineInfo("10.3.0", "Orin", "8.7"), "bf16") == \
         "orin-sm87-trt10.3.0-bf16"
+    assert EM.engine_dir_name(H200, "int8") == "nvidia-h200-sm90-trt11.1.0-int8"
     with pytest.raises(ValueError):
-        EM.engine_dir_name(H200, "int8")
+        EM.engine_dir_name(H200, "int4")
 
 
-def test_fresh_engines_pass(tmp_path):
-    b = make_bundle(tmp_path)
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_fresh_engines_pass(tmp_path, precision):
+    b = make_bundle(tmp_path, precision=precision)
     em = make_engines(b)
+    assert em.root.name.endswith(f"-{precision}")
     assert EM.staleness_reasons(em, b, H200, "a" * 64) == []
     EM.check_fresh(em, b, H200, "a" * 64)
     assert EM.find_engine_dir(b, H200) == em.root
+    # engines of the other precision are never picked for this bundle
+    other = dataclasses.replace(b, precision="fp32")
+    assert any(f"precision {precision}" in r
+               for r in EM.staleness_reasons(em, other, H200, "a" * 64))
 
 
 @pytest.mark.parametrize("machine, plugin, expect", [

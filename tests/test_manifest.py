@@ -164,7 +164,7 @@ def _edit(tmp_path, fn):
     (lambda d: d.update(format_version=2), "upgrade dvis-trt"),
     (lambda d: d.update(format_version=0), "re-export"),
     (lambda d: d.update(msda="cuda"), "msda"),
-    (lambda d: d.update(precision="int8"), "precision"),
+    (lambda d: d.update(precision="int4"), "precision"),
     (lambda d: d["config"].pop("num_slots"), "num_slots"),
     (lambda d: d["config"].update(ovis_infer="yes"), "ovis_infer"),
     (lambda d: d["config"].update(pixel_std=[1.0, 2.0]), "pixel_std"),

@@ -22,6 +22,8 @@ from .base import Backend, check_inputs
 
 __all__ = ["OrtBackend", "PROVIDER_NAMES", "resolve_providers"]
 
+#: Graph optimizers disabled for int8 bundles (must match dvis_trt.export.quantize).
+INT8_DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
 #: Short provider names accepted by :class:`OrtBackend`.
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
@@ -149,7 +151,13 @@ class OrtBackend(Backend):
         ort = _ort()
         so = self._session_options(manifest.msda)
         try:
-            sess = ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
+            # int8 bundles: ORT's common-subexpression elimination would merge the per-consumer
+            # DequantizeLinear copies the quantizer made, and the int8 kernels would not fuse
+            # (the DedicatedQDQPair option in dvis_trt.export.quantize)
+            sess = ort.InferenceSession(
+                str(path), sess_options=so, providers=self.providers,
+                disabled_optimizers=(INT8_DISABLED_OPTIMIZERS if manifest.precision == "int8"
+                                     else None))
         except Exception as exc:  # ORT raises its own exception types
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"ONNX Runtime cannot load {path} (stage '{stage_name}'): {first}"

@@ -1,0 +1,206 @@
+"""INT8: Q/DQ quantization of a bundle (tiny config), its accuracy report, `check --against`.
+
+The accuracy-report figures are checked on planted masks with hand-computed values; the
+quantized bundle is checked for TensorRT's explicit-quantization rules (int8, zero point 0,
+per-channel weight scales) and run end to end in ONNX Runtime; a deliberately broken
+quantization (the class head quantized with a corrupted weight scale) must fail
+`check --against`.
+"""
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime.quantization")
+
+from dvis_trt.runtime.accuracy import AccuracyReport, InstanceSet, compare_instances  # noqa: E402
+
+
+# ------------------------------------------------------------------ the report's arithmetic
+def _box(t, h, w, y0, y1, x0, x1, frames=None):
+    m = np.zeros((t, h, w), bool)
+    for f in (range(t) if frames is None else frames):
+        m[f, y0:y1, x0:x1] = True
+    return m
+
+
+def test_report_figures_on_planted_masks():
+    t, h, w = 4, 20, 20
+    a = _box(t, h, w, 0, 10, 0, 10)             # 100 px per frame
+    b = _box(t, h, w, 10, 20, 10, 20)
+    c = _box(t, h, w, 0, 5, 15, 20)             # 25 px
+    ref = InstanceSet(np.stack([a, b, c]), np.array([1, 2, 3]), np.array([0.9, 0.8, 0.7]), 5)
+    a2 = a.copy()
+    a2[3] = False
+    a2[3, 0:10, 0:5] = True                    # frame 3: half of a -> IoU 0.5 there
+    b2 = b.copy()                               # same mask, other label
+    far = _box(t, h, w, 15, 20, 0, 5)           # c is gone, an unrelated instance appears
+    cand = InstanceSet(np.stack([b2, far, a2]), np.array([5, 3, 1]),
+                       np.array([0.75, 0.5, 0.95]), 6)
+    rep = compare_instances(ref, cand)
+    assert (rep.reference_instances, rep.candidate_instances) == (3, 3)
+    assert rep.matched == 2                     # a<->a2, b<->b2; c has no partner (IoU 0)
+    assert rep.matched_fraction == pytest.approx(2 / 3)
+    assert rep.label_agreement == pytest.approx(0.5)
+    # per-frame IoU: a pair 1, 1, 1, 0.5; b pair 1 x 4
+    assert rep.mean_iou == pytest.approx(7.5 / 8)
+    assert rep.worst_iou == pytest.approx(0.5)
+    assert sorted(rep.video_ious) == pytest.approx([350 / 400, 1.0])
+    assert sorted(rep.score_deltas) == pytest.approx([0.05, 0.05])
+    assert (rep.reference_tracks, rep.candidate_tracks, rep.span_differs) == (5, 6, 0)
+    assert not rep.passed and rep.verdict().startswith("FAIL: 2/3 instances matched (66.7 %")
+    # the same set against itself passes with perfect figures
+    same = compare_instances(ref, ref)
+    assert same.passed and same.mean_iou == 1.0 and same.matched_fraction == 1.0
+    # a track that ends one frame early is a span difference
+    a3 = a.copy()
+    a3[3] = False
+    short = compare_instances(ref, InstanceSet(np.stack([a3, b, c]), ref.labels, ref.scores, 5))
+    assert short.span_differs == 1 and short.matched == 3
+    d = short.to_dict()
+    assert d["tracks"]["matched_spans_differ"] == 1 and d["passed"] is True
+
+
+def test_report_accumulates_over_videos_and_handles_empty_sets():
+    t, h, w = 2, 8, 8
+    a = _box(t, h, w, 0, 4, 0, 4)
+    ref = InstanceSet(a[None], np.array([0]), np.array([0.5]), 1)
+    empty = InstanceSet(np.zeros((0, t, h, w), bool), np.zeros(0, int), np.zeros(0), 0)
+    rep = AccuracyReport()
+    compare_instances(ref, ref, rep)
+    compare_instances(ref, empty, rep)
+    assert rep.reference_instances == 2 and rep.matched == 1 and rep.matched_fraction == 0.5
+    assert compare_instances(empty, empty).passed
+
+
+# ------------------------------------------------------------------ quantization
+def _qdq_nodes(model, op):
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_bundle, demo_mp4, tmp_path_factory):
+    """The tiny fp32 bundle quantized on 6 frames of the demo video, with its report."""
+    from dvis_trt.export.quantize import quantize_bundle
+
+    out = tmp_path_factory.mktemp("int8") / "tiny_int8"
+    manifest, report = quantize_bundle(tiny_bundle, out, [demo_mp4.path], num_frames=6,
+                                       threads=2)
+    return manifest, report
+
+
+def test_select_nodes_keeps_sensitive_parts_fp32(tiny_bundle):
+    from dvis_trt.engine.precision import ensure_node_names
+    from dvis_trt.export.quantize import select_nodes
+
+    model = onnx.load(str(tiny_bundle / "segmenter.onnx"))
+    ensure_node_names(model)
+    quant, kept = select_nodes(model)
+    assert any("/backbone/res2/" in n for n in quant)                  # backbone convs
+    assert any("transformer/encoder" in n and "value_proj" in n for n in quant)
+    assert any("transformer_ffn_layers" in n for n in quant)           # decoder FFN
+    for name in quant:
+        assert not any(k in name for k in ("class_embed", "mask_embed", "sampling_offsets",
+                                            "attention_weights", "mask_features/"))
+    reasons = set(kept.values())
+    assert {"class-head", "mask-embedding", "msda-coordinates", "mask-features"} <= reasons
+    # activation x activation products (attention logits, mask products) are not candidates
+    consts = {i.name for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.name in quant:
+            assert n.input[1] in consts
+
+
+def test_int8_bundle_is_explicit_qdq_and_runs_in_ort(int8_bundle, tiny_bundle, demo_frames):
+    from dvis_trt.runtime.accuracy import REPORT_FILE
+    from dvis_trt.runtime.runner import Runner
+
+    manifest, report = int8_bundle
+    assert manifest.precision == "int8"
+    cal = manifest.producer["calibration"]
+    assert cal["num_samples"] == 6 and cal["videos"][0]["indices"][0] == 0
+    assert cal["videos"][0]["indices"][-1] == cal["videos"][0]["frames"] - 1   # whole video
+    assert manifest.producer["quantization"]["stages"]["segmenter"]["quantized"] > 50
+    model = onnx.load(str(manifest.stage_path("segmenter")))
+    qs, dqs = _qdq_nodes(model, "QuantizeLinear"), _qdq_nodes(model, "DequantizeLinear")
+    assert qs and dqs
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    # TensorRT explicit quantization: int8, zero point 0 everywhere, per-channel weights
+    for n in qs + dqs:
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any(), n.name
+    per_channel = [n for n in dqs if n.input[0] in inits and inits[n.input[1]].ndim == 1]
+    assert per_channel
+    # graph I/O unchanged; other stages byte-identical copies of the fp32 ones
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert (manifest.root / "refiner.onnx").read_bytes() == \
+        (tiny_bundle / "refiner.onnx").read_bytes()
+    # the accuracy report was written with the bundle
+    saved = json.loads((manifest.root / REPORT_FILE).read_text())
+    assert saved["verdict"] == report.verdict() and saved["reference_instances"] > 0
+    assert saved["stages"]["segmenter"]["pred_logits"]["max_rel"] > 0
+    assert saved["stages"]["refiner"]["pred_logits"]["max_rel"] == 0   # fp32 stage, same input
+    # end to end in ONNX Runtime
+    with Runner(manifest.root, "ort", threads=2, quiet=True) as runner:
+        res = runner.pipeline.run_video(demo_frames)
+    assert res.num_frames == len(demo_frames) and len(res.scores) > 0
+    # close to fp32: most instances found again
+    assert report.matched_fraction >= 0.8 and report.mean_iou >= 0.7
+
+
+def test_check_against_fails_on_a_broken_quantization(int8_bundle, tiny_bundle, demo_mp4,
+                                                      tmp_path, capsys):
+    from dvis_trt.export.quantize import corrupt_scale, quantize_bundle
+    from dvis_trt.runtime.cli import main
+
+    good = int8_bundle[1]
+    broken = tmp_path / "broken"
+    quantize_bundle(tiny_bundle, broken, [demo_mp4.path], num_frames=6, report=False,
+                    force=("class_embed",))
+    assert corrupt_scale(broken / "segmenter.onnx", "class_embed", factor=8.0) == 1
+    # re-hash the edited stage (a hand-edited bundle fails the manifest's sha256 check)
+    from dvis_trt.runtime.manifest import load_manifest, write_manifest
+    write_manifest(broken, load_manifest(broken, verify=False), hash_files=True)
+    rc = main(["check", str(broken), "--against", str(tiny_bundle), str(demo_mp4.path),
+               "--threads", "2", "--report", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAIL:" in out
+    bad = json.loads((tmp_path / "r.json").read_text())
+    assert bad["passed"] is False
+    assert bad["label_agreement"] < good.label_agreement - 0.2 or \
+        bad["matched_fraction"] < good.matched_fraction - 0.2
+    # segmenter logits are far off; the other stages are untouched
+    assert bad["stages"]["segmenter"]["pred_logits"]["max_rel"] > \
+        10 * good.stages["segmenter"]["pred_logits"]["max_rel"]
+
+
+def test_check_against_needs_videos(tiny_bundle, capsys):
+    from dvis_trt.runtime.cli import main
+
+    rc = main(["check", str(tiny_bundle), "--against", str(tiny_bundle)])
+    assert rc != 0 and "needs one or more videos" in capsys.readouterr().err
+
+
+def test_quantize_refuses_bad_inputs(tiny_bundle, int8_bundle, demo_mp4, tmp_path, capsys):
+    from dvis_trt.runtime.cli import main
+
+    # not fp32
+    assert main(["quantize", str(int8_bundle[0].root), "--calibration", str(demo_mp4.path),
+                 "--output", str(tmp_path / "x")]) != 0
+    assert "quantize the fp32 bundle" in capsys.readouterr().err
+    # output inside the source
+    assert main(["quantize", str(tiny_bundle), "--calibration", str(demo_mp4.path),
+                 "--output", str(tiny_bundle / "int8")]) != 0
+    assert "source bundle" in capsys.readouterr().err
+    # a foreign non-empty folder is never replaced
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["quantize", str(tiny_bundle), "--calibration", str(demo_mp4.path),
+                 "--output", str(foreign)]) != 0
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    # missing calibration video
+    assert main(["quantize", str(tiny_bundle), "--calibration", str(tmp_path / "nope.mp4"),
+                 "--output", str(tmp_path / "y")]) != 0
+    assert "does not exist" in capsys.readouterr().err
