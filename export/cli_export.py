@@ -107,12 +107,14 @@ def run(args: argparse.Namespace) -> int:
         manifest = export_from_checkpoint(args.config_file, args.checkpoint, args.output,
                                           precision=args.precision, **common)
     else:
-        import secrets
+        import os
         import shutil
         from pathlib import Path
 
+        from dvis_trt.outputs import temp_path, write_marker
+
         out = Path(args.output).absolute()
-        fp32_dir = out.with_name(f".{out.name}.fp32-{secrets.token_hex(4)}")
+        fp32_dir = temp_path(out.with_name(out.name + ".fp32"), keep_suffix=False)
         try:
             say("exporting the fp32 graphs first")
             export_from_checkpoint(args.config_file, args.checkpoint, fp32_dir, precision="fp32",
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                                                   precision=args.precision, **common)
                 acc = compare_bundles(out, fp32_dir, videos, progress=say)
                 write_report(acc, out / REPORT_FILE)
+                write_marker(out, os.listdir(out))  # the report is ours too
                 say(f"accuracy vs fp32: {acc.verdict()}")
         finally:
             shutil.rmtree(fp32_dir, ignore_errors=True)

@@ -322,7 +322,12 @@ def _quantize_modelopt(src: str, dst: str, input_name: str, samples, kept: Dict[
                               "nvidia-modelopt onnx-graphsurgeon onnxslim lief") from None
     from onnxruntime.quantization import CalibrationDataReader  # noqa: PLC0415
     reader_cls = type("_CalibReader", (_Reader, CalibrationDataReader), {})
-    with msda_sessions(plugin):
+    # ModelOpt writes intermediate models (and their external data) into the working
+    # directory; run it from the temporary folder so nothing is left beside the user's files
+    cwd = os.getcwd()
+    os.chdir(os.path.dirname(os.path.abspath(dst)))
+    with msda_sessions(plugin), contextlib.ExitStack() as stack:
+        stack.callback(os.chdir, cwd)
         mo_quantize(src, quantize_mode="int8", calibration_data_reader=reader_cls(input_name,
                                                                                  samples),
                     calibration_method="max", calibration_eps=["cpu"],
@@ -445,37 +450,6 @@ def corrupt_scale(path: os.PathLike | str, node_pattern: str, factor: float = 50
 # ---------------------------------------------------------------------------------------------
 # a whole bundle
 # ---------------------------------------------------------------------------------------------
-def _check_output(src: Path, dest: Path) -> None:
-    """Refuse outputs that are or contain the source bundle, and foreign folders."""
-    from dvis_trt.runtime.manifest import MANIFEST_NAME  # noqa: PLC0415
-    s, d = src.resolve(), dest.resolve()
-    if d == s or s in d.parents or d in s.parents:
-        raise InputError(f"--output {dest} is, contains or is inside the source bundle {src}; "
-                         "choose another folder (the source bundle is never modified)")
-    if dest.exists() and not dest.is_dir():
-        raise InputError(f"output {dest} exists and is not a folder; choose another --output")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / MANIFEST_NAME).is_file():
-        raise InputError(f"output folder {dest} is not empty and is not a dvis-trt bundle "
-                         "(no manifest.json); refusing to replace it, choose another --output")
-
-
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Move the finished bundle ``tmp`` to ``dest`` (replacing a bundle there as a whole)."""
-    import secrets  # noqa: PLC0415
-    import shutil  # noqa: PLC0415
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
-        os.rename(dest, old)
-        try:
-            os.rename(tmp, dest)
-        except BaseException:
-            os.rename(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-
-
 def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
                     calibration: Sequence[os.PathLike | str], *,
                     num_frames: int = DEFAULT_CALIBRATION_FRAMES, tool: str = "ort",
@@ -498,7 +472,6 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
     DependencyError.
     """
     import shutil  # noqa: PLC0415
-    import secrets  # noqa: PLC0415
     import time  # noqa: PLC0415
 
     from dvis_trt.runtime.manifest import load_manifest, write_manifest  # noqa: PLC0415
@@ -514,13 +487,18 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
         raise InputError(f"{src} was exported with --msda trt-builtin, which ONNX Runtime cannot "
                          "run for calibration; export with --msda plugin (the same graph for "
                          "TensorRT, calibrated through the CPU twin)")
-    _check_output(src, dest)
+    from dvis_trt.outputs import (check_outputs, commit_folder, owned_entries,  # noqa: PLC0415
+                                  temp_path, write_marker)
+    check_outputs([("--output", dest)],
+                  [("bundle", src)] + [("--calibration", p) for p in calibration]
+                  + [("--validation", p) for p in (validation or ())], folders=("--output",))
+    owned = owned_entries(dest, extra_owned=("engines",))  # refuses a folder not ours
     t0 = time.perf_counter()
     cal = load_calibration(list(calibration), src_manifest.config.to_dict(), num_frames)
     say(f"calibration: {cal.provenance['num_samples']} frames from "
         f"{len(cal.provenance['videos'])} video(s) in {time.perf_counter() - t0:.1f} s")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_path(dest, keep_suffix=False)
     tmp.mkdir()
     try:
         files = [s.file for s in src_manifest.stages.values()]
@@ -557,7 +535,8 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
                 "separate validation video(s)"
             write_report(acc, tmp / REPORT_FILE)
             say(f"accuracy vs {src.name} ({acc.info['validation']}): {acc.verdict()}")
-        _swap_in(tmp, dest)
+        write_marker(tmp, os.listdir(tmp))
+        commit_folder(tmp, dest, owned)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -192,7 +192,7 @@ def test_quantize_refuses_bad_inputs(tiny_bundle, int8_bundle, demo_mp4, tmp_pat
     # output inside the source
     assert main(["quantize", str(tiny_bundle), "--calibration", str(demo_mp4.path),
                  "--output", str(tiny_bundle / "int8")]) != 0
-    assert "source bundle" in capsys.readouterr().err
+    assert "is inside bundle" in capsys.readouterr().err
     # a foreign non-empty folder is never replaced
     foreign = tmp_path / "mine"
     foreign.mkdir()
