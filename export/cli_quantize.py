@@ -45,20 +45,26 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt quantize``."""
-    parser.add_argument("bundle", metavar="BUNDLE/", help="fp32 bundle (dvis-trt export)")
-    parser.add_argument("--output", required=True, metavar="NEW_BUNDLE/",
+    from dvis_trt.runtime.cli_args import add_main_argument
+
+    add_main_argument(parser, "bundle", kind="bundle", metavar="BUNDLE", flags=("--bundle",),
+                      accepts=("folder",), help="fp32 bundle folder (dvis-trt export)")
+    parser.add_argument("--output", "-o", required=True, metavar="NEW_BUNDLE/",
                         help="folder of the int8 bundle (the input bundle is not modified)")
     add_calibration_arguments(parser, required=True)
     parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX Runtime threads for the accuracy report")
+                        help="ONNX Runtime threads for the accuracy report (default: all cores)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Quantize; prints one line per step and the accuracy verdict. Returns 0 (the bundle is
     written even when the verdict fails: the report says so; ``dvis-trt check --against``
     is the gate)."""
+    from dvis_trt.runtime.cli_args import resolve_main_arguments
+
     from .quantize import quantize_bundle
 
+    resolve_main_arguments(args)
     t0 = time.perf_counter()
     manifest, report = quantize_bundle(
         args.bundle, args.output, args.calibration, num_frames=args.calibration_frames,
