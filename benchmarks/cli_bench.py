@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     from .report import compare, load_runs, write_outputs
 
     from dvis_trt.runtime.cli_args import resolve_bundles_and_video
+    from dvis_trt.runtime.extras import require
+
+    for module in ("psutil", "matplotlib"):  # the bench extra: say so before minutes of work
+        require(module, "bench")
 
     full = getattr(args, "_argv", None)  # the command line as given (dvis_trt.runtime.cli.main)
     argv = list(full[1:]) if full else None

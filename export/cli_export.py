@@ -2,8 +2,8 @@
 
 Example::
 
-    dvis-trt export --config-file configs/dvis_daq/ovis/DAQ_Offline_R50.yaml \\
-        --checkpoint DAQ_Offline_R50_OVIS.pth --output bundles/r50_ovis [--msda onnx]
+    dvis-trt export DAQ_Offline_R50_OVIS.pth --config r50-ovis -o bundles/r50_ovis [--msda onnx]
+    dvis-trt export model_final.pth --config my_configs/DAQ_Offline_R50.yaml -o bundle/
 """
 from __future__ import annotations
 
@@ -90,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
     from dvis_trt.runtime.cli_args import resolve_main_arguments
 
     resolve_main_arguments(args)
+    from .named_configs import resolve_config
 
+    config_path, named = resolve_config(args.config_file)
+    print(f"config: {named.name + ' (' + str(config_path) + ')' if named else config_path}; "
+          f"checkpoint: {args.checkpoint}", flush=True)
     size = parse_size(args.example_size) if args.example_size else None
     if args.precision == "int8" and not args.calibration:
         raise InputError("--precision int8 needs --calibration VIDEO_OR_FOLDER (frames to "

@@ -16,8 +16,8 @@ BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "onnx_graphsurgeon", "t
            "polygraphy")
 
 _PRELUDE = textwrap.dedent(f"""
-    import sys
-    BLOCKED = {BLOCKED!r}
+    import os, sys
+    BLOCKED = {BLOCKED!r} + tuple(filter(None, os.environ.get("BLOCK_MORE", "").split(",")))
 
     class _Refuse:
         def find_spec(self, name, path=None, target=None):
@@ -31,9 +31,10 @@ _PRELUDE = textwrap.dedent(f"""
 """)
 
 
-def edge(*argv, cwd=None):
-    """Run ``dvis-trt *argv`` with the heavy extras unimportable; (rc, stdout, stderr)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+def edge(*argv, cwd=None, more=()):
+    """Run ``dvis-trt *argv`` with the heavy extras (and ``more``) unimportable;
+    (rc, stdout, stderr)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", BLOCK_MORE=",".join(more))
     p = subprocess.run([sys.executable, "-c", _PRELUDE, *map(str, argv)], capture_output=True,
                        text=True, cwd=cwd, env=env, timeout=300)
     return p.returncode, p.stdout, p.stderr
@@ -67,6 +68,14 @@ def test_commands_needing_an_extra_say_which_in_one_line(files, argv, extra):
     assert rc != 0 and "Traceback" not in err and "internal error" not in err
     assert line.startswith("dvis-trt: error: ") and f"pip install 'dvis-trt[{extra}]'" in line \
         or (extra == "engine" and "TensorRT" in line), line
+
+
+def test_bench_without_its_extra_says_so_before_any_work(files):
+    (files / "v.mp4").write_bytes(b"\0")
+    rc, out, err = edge("bench", files / "bundle", files / "v.mp4", "--backends", "ort",
+                        cwd=files, more=("psutil", "matplotlib"))
+    line = _one_line(err)
+    assert rc == 3 and "pip install 'dvis-trt[bench]'" in line and not out.strip(), line
 
 
 def test_help_and_configs_work_without_torch(files):
