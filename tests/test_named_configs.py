@@ -76,3 +76,20 @@ def test_configs_lists_every_name(capsys):
     assert "DAQ_Offline_R50.yaml" in out
     assert main(["configs", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["name"] == "r50-ovis"
+
+
+@pytest.mark.parametrize("name,keys_tsv", [("r50-ovis", "dvis_daq_offline_r50_ovis.keys.tsv"),
+                                           ("vitl-ovis", "dvis_daq_offline_vitl_ovis.keys.tsv"),
+                                           ("vitl-ytvis19", None), ("vitl-ytvis21", None)])
+def test_every_name_builds_its_model(name, keys_tsv):
+    """Each name builds (on the meta device, no memory); where the official model's state-dict
+    keys are known, ours are the same, in order."""
+    torch = pytest.importorskip("torch")
+    from dvis_trt.export.model.build import build_model
+    with torch.device("meta"):
+        sd = build_model(load_named_config(name)).state_dict()
+    k = int(load_named_config(name).MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    assert tuple(sd["sem_seg_head.predictor.class_embed.weight"].shape)[0] == k + 1
+    if keys_tsv and (REF / keys_tsv).is_file():
+        ref = [ln.split("\t")[0] for ln in (REF / keys_tsv).read_text().splitlines()]
+        assert list(sd) == ref
