@@ -112,6 +112,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-backends", default=None,
                         help="backends in the sweep (default: every timed row)")
     parser.add_argument("--sweep-repeats", type=count(1, 1000), default=1, help="runs per sweep point (1)")
+    parser.add_argument("--mode", choices=("offline", "online", "near-online", "all"),
+                        default="offline",
+                        help="offline (default): the backends side by side; online / "
+                             "near-online / all: per-frame latency (arrival -> result) p50/p90/"
+                             "p99 and throughput of those modes next to offline, on the first "
+                             "of --backends (see docs/benchmarks.md)")
+    parser.add_argument("--clip-frames", default="5,15", metavar="N,N",
+                        help="near-online clip lengths to time (default 5,15)")
     parser.add_argument("--out", default="bench_out", metavar="DIR",
                         help="folder for bench.json / bench.md / bench.png (default bench_out)")
     parser.add_argument("--json", default=None, help="JSON history file (default OUT/bench.json)")
@@ -139,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     args.bundle, args.video = resolve_bundles_and_video(args.paths, args.bundle, args.video, full)
     from dvis_trt.runtime.validate import clamp_threads
     args.threads = clamp_threads(args.threads)
+    if getattr(args, "mode", "offline") != "offline":  # latency of the low-latency modes
+        from .latency import run_cli
+        return run_cli(args)
     backends = [b.strip() for b in str(args.backends).split(",") if b.strip()]
     old = load_runs(args.compare)[-1] if args.compare else None  # fail early on a bad file
     out_dir = Path(args.out)

@@ -253,3 +253,24 @@ def test_packaged_online_config_is_the_official_one_and_its_keys_are_official():
             model = build_online_model(packaged)
         got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         assert got == want
+
+
+def test_bench_latency_modes(tiny_bundle, demo_mp4, tmp_path, capsys):
+    """``dvis-trt bench --mode all``: one row per mode with latency percentiles and throughput
+    (no timing asserted: the shape of the report and the frame counts)."""
+    import json
+
+    from dvis_trt.runtime.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", str(tiny_bundle), str(demo_mp4.path), "--mode", "all", "--clip-frames",
+               "3", "--frames", "6", "--threads", "2", "--repeats", "1", "--out", str(out),
+               "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads((out / "latency.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["online", "near-online N=3", "offline"]
+    for r in rows:
+        assert r["frames"] == 6 and r["runs"] == 1
+        assert 0 < r["latency_ms_p50"] <= r["latency_ms_p90"] <= r["latency_ms_p99"]
+        assert r["throughput_fps_median"] > 0
+    assert "| online |" in (out / "latency.md").read_text()
