@@ -105,7 +105,8 @@ def _load(model) -> "onnx.ModelProto":  # noqa: F821
     import onnx
     if isinstance(model, onnx.ModelProto):
         return model
-    return onnx.load(os.fspath(model))
+    # shapes only: initializer dims are in the graph even when their data is external
+    return onnx.load(os.fspath(model), load_external_data=False)
 
 
 def concretize(model, input_shapes: Mapping[str, Sequence[int]]):

@@ -54,7 +54,8 @@ from .sample_inputs import SampleDims, sample_images, sample_stage_inputs
 from .stages import build_stages, eager_runner, stage_input_names, stage_output_names
 
 __all__ = ["EXPORTER", "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "FORBIDDEN_OPS",
-           "CONSTANTS_FILE", "ExportError", "export_bundle", "export_from_checkpoint",
+           "CONSTANTS_FILE", "EXTERNAL_DATA_THRESHOLD", "external_data_file", "save_graph",
+           "ExportError", "export_bundle", "export_from_checkpoint",
            "export_stage", "check_graph", "example_dims", "bundle_values", "replace_dir",
            "StageReport"]
 
@@ -92,6 +93,52 @@ _BENIGN_WARNINGS = ("Converting a tensor to a Python boolean",
                     "The feature will be removed")
 
 
+#: A stage graph whose serialised size exceeds this is saved with ONNX external data: the graph
+#: in ``<stage>.onnx`` (a few MB), every initializer over 1 KiB in one file ``<stage>.onnx.data``
+#: next to it (recorded in the manifest with its own sha256). Protobuf cannot serialise a
+#: message over 2 GiB; the margin is for the tools that re-serialise a graph with more in it
+#: (precision conversion keeps fp32 copies of kept-fp32 constants, Q/DQ export adds scales,
+#: ``onnx.checker`` / shape inference serialise in memory). ViT-L's fp32 segmenter (~1.3 GB)
+#: goes external; the R50 stages (<= 0.2 GB) stay single files.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def external_data_file(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The one external-data file a saved graph references (relative name), or None.
+
+    Raises ExportError when the graph references several files or one outside its folder.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in init.external_data if e.key == "location")
+    if not names:
+        return None
+    if len(names) > 1 or any(Path(n).name != n for n in names):
+        raise ExportError(f"{path}: external data in {sorted(names)}; expected one file next to "
+                          "the graph")
+    return names.pop()
+
+
+def save_graph(model: onnx.ModelProto, path: Union[str, os.PathLike],
+               threshold: Optional[int] = None) -> Optional[str]:
+    """Save ``model`` to ``path``, with external data ``<name>.data`` when it is larger than
+    ``threshold`` bytes (see :data:`EXTERNAL_DATA_THRESHOLD`); returns the data file's name or
+    None. ``model``'s initializers are turned into external references when saved that way.
+    A stale data file of the same name is removed first (it would be appended to)."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if model.ByteSize() > (EXTERNAL_DATA_THRESHOLD if threshold is None else threshold):
+        onnx.save_model(model, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        return data.name
+    onnx.save_model(model, str(path))
+    return None
+
+
 class ExportError(BundleError):
     """An exported graph failed a check (checker, shape inference, TensorRT-friendliness)."""
 
@@ -106,6 +153,7 @@ class StageReport:
     bytes: int
     nodes: int
     op_types: Tuple[str, ...]
+    data_file: Optional[str] = None   # ONNX external data next to ``file`` (large graphs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,16 +429,18 @@ def export_stage(module: nn.Module, stage: str, example: Mapping[str, np.ndarray
                           f"{str(exc).splitlines()[0][:300]}") from exc
     check_graph(model, stage, inputs, outputs, msda)
     path = Path(path)
-    onnx.save_model(model, str(path))
+    ops = tuple(sorted({f"{n.domain}::{n.op_type}" if n.domain else n.op_type
+                        for n in _walk_nodes(model.graph)}))
+    n_nodes = len(model.graph.node)
+    data_file = save_graph(model, path)
+    del model
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise ExportError(f"stage '{stage}': onnx.checker failed: "
                           f"{str(exc).splitlines()[0][:300]}") from exc
-    ops = tuple(sorted({f"{n.domain}::{n.op_type}" if n.domain else n.op_type
-                        for n in _walk_nodes(model.graph)}))
-    return StageReport(stage, path.name, time.perf_counter() - t0, path.stat().st_size,
-                       len(model.graph.node), ops)
+    size = path.stat().st_size + ((path.parent / data_file).stat().st_size if data_file else 0)
+    return StageReport(stage, path.name, time.perf_counter() - t0, size, n_nodes, ops, data_file)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,9 +588,18 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
                 from dvis_trt.engine.precision import convert_file
                 convert_file(tmp / f"{stage}.onnx", tmp / f"{stage}.onnx", precision)
                 say(f"{stage}: converted to {precision}")
+                if rep.data_file:  # the converted graph may fit in one file now
+                    still = external_data_file(tmp / rep.file)
+                    if still != rep.data_file and (tmp / rep.data_file).exists():
+                        (tmp / rep.data_file).unlink()
+                    rep = dataclasses.replace(rep, data_file=still)
             reports[stage] = rep
-            entries[stage] = StageSpec(stage, rep.file, "0" * 64, tuple(ins), tuple(outs))
-            say(f"{stage}: {rep.bytes / 1e6:.1f} MB, {rep.nodes} nodes, {rep.seconds:.1f} s")
+            entries[stage] = StageSpec(stage, rep.file, "0" * 64, tuple(ins), tuple(outs),
+                                       data_file=rep.data_file,
+                                       data_sha256="0" * 64 if rep.data_file else None)
+            say(f"{stage}: {rep.bytes / 1e6:.1f} MB"
+                + (f" (weights in {rep.data_file})" if rep.data_file else "")
+                + f", {rep.nodes} nodes, {rep.seconds:.1f} s")
         with open(tmp / CONSTANTS_FILE, "wb") as f:
             np.savez(f, **arrays)
             f.flush()

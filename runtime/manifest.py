@@ -279,6 +279,9 @@ class StageSpec:
     sha256: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: ONNX external data of a large graph (one file next to ``file``) and its checksum
+    data_file: str | None = None
+    data_sha256: str | None = None
 
     def input(self, name: str) -> TensorSpec:
         for t in self.inputs:
@@ -307,9 +310,12 @@ class StageSpec:
         return {t.name: t.resolve(dims) for t in self.outputs}
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "sha256": self.sha256,
-                "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs]}
+        d = {"file": self.file, "sha256": self.sha256}
+        if self.data_file is not None:
+            d["external_data"] = {"file": self.data_file, "sha256": self.data_sha256}
+        d.update(inputs=[t.to_dict() for t in self.inputs],
+                 outputs=[t.to_dict() for t in self.outputs])
+        return d
 
 
 @dataclass(frozen=True)
@@ -646,7 +652,17 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> BundleManifest:
                         raise BundleError(
                             f"{sw}: '{t.name}' dim {axis} is {a} but the config says {b} "
                             f"(shape {list(w.shape)}); the manifest and its config disagree")
-        stages[name] = StageSpec(name, file, sha, ins, outs)
+        data_file = data_sha = None
+        xd = sd.get("external_data")
+        if xd is not None:
+            if not isinstance(xd, Mapping):
+                raise BundleError(f"{sw}: 'external_data' is not an object; re-export the bundle")
+            data_file = _safe_rel(xd.get("file"), f"{sw} external data")
+            data_sha = xd.get("sha256")
+            if not isinstance(data_sha, str) or len(data_sha) != 64:
+                raise BundleError(f"{sw}: external data sha256 {data_sha!r} is not a hex sha256; "
+                                  "re-export the bundle")
+        stages[name] = StageSpec(name, file, sha, ins, outs, data_file, data_sha)
     constants = None
     cd = d.get("constants")
     if cd is not None:
@@ -701,6 +717,8 @@ def load_manifest(bundle_dir: str | os.PathLike, *, verify: bool = True,
                           "complete bundle")
     if verify:
         entries = [(f"stage '{n}'", s.file, s.sha256) for n, s in manifest.stages.items()]
+        entries += [(f"stage '{n}' external data", s.data_file, s.data_sha256)
+                    for n, s in manifest.stages.items() if s.data_file]
         if manifest.constants is not None:
             entries.append(("constants", manifest.constants.file, manifest.constants.sha256))
         for what, file, sha in entries:
@@ -744,6 +762,12 @@ def write_manifest(bundle_dir: str | os.PathLike, manifest: BundleManifest, *,
                 raise BundleError(f"{fp} (stage '{n}') does not exist; write the stage file "
                                   "before the manifest")
             stages[n] = dataclasses.replace(s, sha256=sha256_file(fp))
+            if s.data_file:
+                dp = root / _safe_rel(s.data_file, f"stage '{n}' external data")
+                if not dp.is_file():
+                    raise BundleError(f"{dp} (stage '{n}' external data) does not exist; write "
+                                      "it before the manifest")
+                stages[n] = dataclasses.replace(stages[n], data_sha256=sha256_file(dp))
         constants = manifest.constants
         if constants is not None:
             fp = root / _safe_rel(constants.file, "constants")
