@@ -10,7 +10,7 @@ Needs PyTorch with CUDA and nvcc on the GPU machine; nothing else (no TensorRT, 
 2. Parity against the eager PyTorch reference (official ``ms_deform_attn_core_pytorch`` recipe: grid_sample on
    ``2*loc-1``), evaluated in float64 on exactly the inputs the kernel sees (half inputs upcast), over randomised
    shapes (levels, non-square maps, borders, points outside, P=1/4, D=5..64, batch>1, int32/int64 indices,
-   unaligned pointers) and over the R50 / ViT-Adapter-L pixel-decoder shapes. Bounds (max over elements):
+   unaligned pointers) and over the R50 / ViT-Adapter-L pixel-decoder and ViT-Adapter-L extractor shapes. Bounds (max over elements):
      fp32:  |out - ref| <= 1e-5 * max|ref|                  (fp32 accumulation over <= 64 taps)
      fp16:  |out - ref| <= 2^-10 * |ref| + 1e-5 * max|ref|  (one rounding of the fp32 result to half: 2^-11)
      bf16:  |out - ref| <= 2^-7  * |ref| + 1e-5 * max|ref|  (one rounding to bfloat16: 2^-8)
@@ -40,14 +40,23 @@ DT_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 # Model shapes (T=5 frames per window; 480x864 is the padded OVIS input of the R50 and ViT-L configs):
 #   pixel decoder encoder (R50 and ViT-Adapter-L alike: conv dim 256, 8 heads, 3 levels at strides 8/16/32, 4 points)
-#   ViT-Adapter-L extractor: 16 heads x 64, queries = the 3 spatial-prior levels, value = ViT tokens (1 level, /16)
-#   ViT-Adapter-L injector:  16 heads x 64, queries = ViT tokens, value = the 3 spatial-prior levels
+#   ViT-Adapter-L extractor (export/model/vit_adapter.py ``Extractor``, official
+#   ``InteractionBlockWithCls_Efficient``): 16 heads x 64 channels, 1 level, 4 points; the value is
+#   the ViT token grid (stride 16, S = Hp/16 * Wp/16), the queries are the spatial-prior tokens of
+#   strides 8, 16 and 32 (Lq = 4S + S + S/4 = 21S/4); 6 calls per frame (4 extractors + 2 extra).
+#   The DVIS-DAQ checkpoints have no injector (queries = ViT tokens over 3 levels): not a real shape.
+def _extractor(hp, wp, n=5):
+    h, w = hp // 16, wp // 16
+    return dict(name=f"vitl_extractor_{hp}x{wp}_T{n}", N=n, levels=[(h, w)], M=16, D=64, P=4,
+                Lq=4 * h * w + h * w + (h // 2) * (w // 2))
+
+
 MODEL_CASES = [
     dict(name="pixdec_r50_vitl_480x864_T5", N=5, levels=[(60, 108), (30, 54), (15, 27)], M=8, D=32, P=4, Lq="S"),
     dict(name="pixdec_r50_vitl_736x1280_T5", N=5, levels=[(92, 160), (46, 80), (23, 40)], M=8, D=32, P=4, Lq="S"),
-    dict(name="vitl_adapter_extractor_480x864_T5", N=5, levels=[(30, 54)], M=16, D=64, P=4, Lq=8505),
-    dict(name="vitl_adapter_injector_480x864_T5", N=5, levels=[(60, 108), (30, 54), (15, 27)], M=16, D=64, P=4,
-         Lq=1620),
+    _extractor(480, 864),   # Lq 8505, S 1620 (landscape OVIS)
+    _extractor(864, 480),   # portrait: same counts, transposed grid
+    _extractor(736, 1280),  # Lq 19320, S 3680 (720p)
 ]
 
 

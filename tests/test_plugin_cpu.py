@@ -141,6 +141,23 @@ def test_twin_matches_grid_sample_reference(cpu_lib, seed, L, P, D, N):
     _assert_close(out, _torch_reference(value, shapes, loc, attn))
 
 
+@pytest.mark.parametrize("grid", [(6, 10), (10, 6)])
+def test_twin_vit_adapter_extractor_shapes(cpu_lib, grid):
+    """The ViT-Adapter-L extractor's call: 16 heads x 64 channels, 1 level, 4 points; values on
+    the ViT grid (stride 16), queries = the spatial-prior tokens of strides 8/16/32 (Lq = 21/4 S,
+    more queries than values, reference points of other strides), landscape and portrait."""
+    h, w = grid
+    rng = np.random.default_rng(h * 100 + w)
+    shapes = np.array([(h, w)], dtype=np.int64)
+    lq = 4 * h * w + h * w + (h // 2) * (w // 2)
+    value = rng.standard_normal((2, h * w, 16, 64)).astype(np.float32)
+    loc = _border_locations(rng, [(h, w)], (2, lq, 16, 1, 4, 2))
+    attn = rng.random((2, lq, 16, 1, 4)).astype(np.float32)
+    out = _fwd(value, shapes, _starts(shapes), loc, attn)
+    assert out.shape == (2, lq, 16 * 64)
+    _assert_close(out, _torch_reference(value, shapes, loc, attn))
+
+
 @pytest.mark.parametrize("seed,D", [(10, 5), (11, 13), (12, 8)])
 def test_twin_matches_loop_reference_odd_head_dims(cpu_lib, seed, D):
     # D not a multiple of 8 exercises the single-channel remainder path of the shared accumulation.

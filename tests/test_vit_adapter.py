@@ -265,3 +265,34 @@ def test_vit_checkpoint_without_the_adapter_says_so(tiny_vit_state, tmp_path):
              if not k.startswith("backbone.") or k.startswith("backbone.vit_module.")}
     msg = _load_error(TINY_VIT, state, tmp_path, "no_adapter.pth")
     assert "adapter" in msg and "backbone.spm" in msg
+
+
+# ---------------------------------------------------------------------- TensorRT profiles
+def test_vitl_segmenter_profiles_landscape_and_portrait_multiples_of_32():
+    """Optimization profiles of a ViT-L OVIS bundle (no TensorRT needed): one exact profile per
+    padded size in both orientations plus the covering one; every Hp, Wp a multiple of 32 (the
+    adapter's per-level depth-wise conv needs even /16 grids); 200 queries, 200 new-instance
+    queries and up to 400 live tracks in the tracker's profile."""
+    from dvis_trt.engine import profiles as P
+    from dvis_trt.runtime import manifest as M
+    from dvis_trt.runtime.config import inference_values
+
+    values = inference_values(load_config(PKG_CONFIGS / "dvis_daq_offline_vitl_ovis.yaml"))
+    cfg = M.BundleConfig.from_dict(values)
+    d = cfg.dims
+    assert (d["Q"], d["N"]) == (200, 200) and cfg.size_divisibility == 32
+    specs = M.stage_specs(d["Q"], d["C"], d["K"], d["N"], d["S"], d["D"])
+    man = M.BundleManifest(config=cfg, stages={
+        n: M.StageSpec(n, f"{n}.onnx", "0" * 64, i, o) for n, (i, o) in specs.items()})
+    profiles = P.derive_profiles(man, P.BuildLimits(resolutions=("360p", "720p", "1080p")))
+    seg = profiles["segmenter"]
+    assert [p.name for p in seg] == ["480x864", "864x480", "range"]
+    for p in seg:
+        for shape in p.shapes["images"]:
+            t, c, hp, wp = shape
+            assert c == 3 and hp % 32 == 0 and wp % 32 == 0 and 1 <= t <= 5
+    assert seg[0].shapes["images"][1] == (5, 3, 480, 864)   # opt: a full window, landscape
+    assert seg[1].shapes["images"][1] == (5, 3, 864, 480)   # portrait phone video
+    step = profiles["tracker_step"][0].shapes["track_queries"]
+    assert step[2] == (400, 256)
+    assert profiles["refiner"][0].shapes["instance_embeds"][1][1] == 200
