@@ -53,6 +53,8 @@ NAMED_CONFIGS: Dict[str, NamedConfig] = {c.name: c for c in (
                 "the online model (no refiner): its bundles serve `stream --mode online`"),
     NamedConfig("tiny", "tiny.yaml", "ResNet (reduced)", "OVIS", None,
                 "not official: r50-ovis with small widths, for the demo and tests"),
+    NamedConfig("tiny-vit", "tiny_vit.yaml", "ViT-Adapter (reduced)", "OVIS", None,
+                "not official: vitl-ovis with small widths and depth, for the demo and tests"),
 )}
 
 

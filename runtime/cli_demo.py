@@ -24,13 +24,16 @@ __all__ = ["add_arguments", "run", "CONFIGS", "DISCLAIMER"]
 
 #: ``--config`` choices -> packaged config file name.
 CONFIGS = {"tiny": "tiny.yaml", "r50": "dvis_daq_offline_r50_ovis.yaml",
-           "r50-ovis": "dvis_daq_offline_r50_ovis.yaml"}
+           "r50-ovis": "dvis_daq_offline_r50_ovis.yaml", "tiny-vit": "tiny_vit.yaml",
+           "vitl-ovis": "dvis_daq_offline_vitl_ovis.yaml"}
 #: :func:`~dvis_trt.export.testing.spread_weights_` settings per config. The defaults were tuned
 #: on the tiny config; at R50 widths they let the tracker validate almost every new-instance
 #: query (~100 births per frame), so the R50 demo adds more "no object" bias (same values as
 #: ``benchmarks/host_overhead.py``'s R50 bundle: ~30-60 live tracks, births and kick-outs).
 SPREAD = {"tiny": {}, "r50": {"no_object_bias": 13.0, "tracker_no_object_bias": 15.0}}
 SPREAD["r50-ovis"] = SPREAD["r50"]
+SPREAD["tiny-vit"] = {}
+SPREAD["vitl-ovis"] = SPREAD["r50"]
 
 DISCLAIMER = (
     "NOTE: these weights are RANDOM (seeded, rescaled so that queries spread). The masks, "
@@ -63,8 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: <user cache>/dvis_trt/demo/<config>-seed<seed>, printed "
                              "first); a folder the demo did not make must be empty")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
-                        help="tiny: reduced model, seconds (default); r50 (= r50-ovis): the R50 "
-                             "OVIS architecture, minutes on a CPU")
+                        help="tiny: reduced model, seconds (default); tiny-vit: reduced "
+                             "ViT-Adapter model; r50 (= r50-ovis) / vitl-ovis: the R50 / "
+                             "ViT-Adapter-L OVIS architecture, minutes (vitl-ovis: tens of "
+                             "minutes) on a CPU")
     parser.add_argument("--contact-sheet", default=None, metavar="PNG",
                         help="also write a grid of overlay frames to this PNG (default: "
                              "contact_sheet.png in the demo folder)")
