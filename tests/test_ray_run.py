@@ -197,3 +197,16 @@ def test_worker_retries_a_stage_error_once_then_fails_only_that_video():
     assert (out["status"], out["message"], w.runner.calls) == ("bad_input", "no frames", 1)
     w = worker([MemoryError(), MemoryError()])
     assert w._run_one(row)["exit_code"] == 3
+
+
+def test_resources_map_onto_actors():
+    from dvis_trt.runtime.ray_runner import RayOptions, plan_workers
+
+    assert plan_workers(RayOptions(), {"CPU": 64.0, "GPU": 8.0}) == (8, 4.0, 1.0)
+    assert plan_workers(RayOptions(gpus_per_worker=0.25), {"CPU": 64.0, "GPU": 8.0}) == \
+        (32, 2.0, 0.25)
+    assert plan_workers(RayOptions(), {"CPU": 2.0}) == (1, 2.0, 0.0)
+    assert plan_workers(RayOptions(), {"CPU": 16.0}) == (4, 4.0, 0.0)
+    assert plan_workers(RayOptions(workers=2), {"CPU": 2.0}) == (2, 1.0, 0.0)
+    assert plan_workers(RayOptions(workers=3, cpus_per_worker=1.5), {"CPU": 2.0}) == \
+        (3, 1.5, 0.0)
