@@ -189,5 +189,6 @@ def test_every_readme_command_runs_from_a_temporary_folder(user_files, tmp_path,
         assert sum(1 for _ in c.decode(video=0)) == 4
     # everything new here was named by a command (-o / --overlay / --contact-sheet / --out)
     new = {p.parts[0] for p in (set(q.relative_to(work) for q in work.rglob("*")) - before)}
-    assert new <= {"bundle", "results.json", "overlay.mp4", "sheet.png", "bench_out"}, new
+    assert new <= {"bundle", "results.json", "overlay.mp4", "sheet.png", "bench_out",
+                   "detections.jsonl", "clips.jsonl", "latency_out"}, new
     assert {"bundle", "results.json", "overlay.mp4", "sheet.png"} <= new

@@ -118,3 +118,34 @@ def test_stream_reconnects_after_the_server_restarts(tiny_bundle, tmp_path):
     assert len(results) == st.frames_in
     assert [r.index for r in results] == list(range(len(results)))  # indices continue
     assert any("gave up" in e for e in st.errors)
+
+
+def test_sigterm_stops_the_stream_cleanly_with_outputs_closed(tiny_bundle, demo_mp4, tmp_path):
+    """SIGTERM while streaming: exit 0, every JSON line whole, the overlay finalised under its
+    name (its temporary renamed), nothing else left in the folder."""
+    import signal
+    import time
+
+    jsonl, overlay = tmp_path / "out.jsonl", tmp_path / "overlay.mp4"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvis_trt.runtime.cli", "stream", str(tiny_bundle),
+         str(demo_mp4.path), "--backend", "ort", "--threads", "1", "--throttle", "0.2",
+         "--jsonl", str(jsonl), "--overlay", str(overlay)],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (not jsonl.exists() or not jsonl.read_text().count("\n")) and \
+                time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err
+    lines = jsonl.read_text().splitlines()
+    assert 1 <= len(lines) < 20 and all(json.loads(ln)["frame"] >= 0 for ln in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "overlay.mp4"]
+    from dvis_trt.runtime.video import open_source
+    assert open_source(overlay).num_frames in (len(lines), None)
