@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
                 say(f"accuracy vs fp32: {acc.verdict()}")
         finally:
             shutil.rmtree(fp32_dir, ignore_errors=True)
-    total = sum((manifest.root / s.file).stat().st_size for s in manifest.stages.values())
+    total = sum((manifest.root / f).stat().st_size for s in manifest.stages.values()
+                for f in (s.file, s.data_file) if f)  # external data included
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(manifest.stages)} stages, "
           f"{total / 1e6:.1f} MB of ONNX in {manifest.root}")
     return 0

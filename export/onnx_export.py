@@ -134,6 +134,9 @@ def save_graph(model: onnx.ModelProto, path: Union[str, os.PathLike],
     if model.ByteSize() > (EXTERNAL_DATA_THRESHOLD if threshold is None else threshold):
         onnx.save_model(model, str(path), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(data, 0o666 & ~umask)  # onnx creates it 0600; same mode as the graph beside it
         return data.name
     onnx.save_model(model, str(path))
     return None
