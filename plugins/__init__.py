@@ -95,14 +95,43 @@ def source_hash() -> str:
 
 
 def cache_dir() -> Path:
-    """User cache folder for plugin builds of the current sources: ``<cache>/dvis_trt/plugins/<source hash>``."""
+    """User cache folder for plugin builds of these sources *at this place*:
+    ``<cache>/dvis_trt/plugins/<source hash>-<location hash>``.
+
+    Keyed by content and by the source folder's path: a CMake build folder records its source
+    folder, so two installs (two venvs, two checkouts) sharing one cache never configure one
+    build folder from two places, and a moved or deleted checkout gets a fresh folder instead
+    of a CMake cache pointing at a folder that is gone."""
     base = os.environ.get("DVIS_TRT_CACHE_DIR")
     if base:
         root = Path(base).expanduser()
     else:
         xdg = os.environ.get("XDG_CACHE_HOME")
         root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dvis_trt"
-    return root / "plugins" / source_hash()
+    where = hashlib.sha256(os.fsencode(str(source_dir()))).hexdigest()[:8]
+    return root / "plugins" / f"{source_hash()}-{where}"
+
+
+def _reset_foreign_cmake_cache(bdir: Path) -> None:
+    """Remove a CMake cache in ``bdir`` that was configured from another source folder (a
+    ``--build-dir`` shared between checkouts, a checkout moved since): CMake refuses to
+    reconfigure it. Only CMake's own files go (``CMakeCache.txt``, ``CMakeFiles/``)."""
+    cache = bdir / "CMakeCache.txt"
+    try:
+        text = cache.read_text(errors="replace")
+    except OSError:
+        return
+    for line in text.splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:"):
+            home = line.split("=", 1)[-1].strip()
+            try:
+                same = Path(home).resolve() == source_dir().resolve()
+            except OSError:
+                same = False
+            if not same:
+                cache.unlink()
+                shutil.rmtree(bdir / "CMakeFiles", ignore_errors=True)
+            return
 
 
 def repo_build_dir() -> Path | None:
@@ -250,6 +279,7 @@ def build(
         build_args += ["--target", str(t)]
     log = []
     with _locked(bdir / ".dvis_build.lock"):
+        _reset_foreign_cmake_cache(bdir)
         for cmd in (args, build_args):
             proc = subprocess.run(cmd, stdout=None if verbose else subprocess.PIPE,
                                   stderr=subprocess.STDOUT if not verbose else None, text=True)
