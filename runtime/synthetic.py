@@ -116,7 +116,17 @@ class _Obj:
     wobble: float
 
 
-def _make_objects(rng: np.random.Generator, h: int, w: int, n: int) -> List[_Obj]:
+#: Object motions of :func:`render_scene`: ``mixed`` (the demo: objects enter, leave, drift and
+#: pass in front of each other), ``drift`` (every object stays inside and drifts slowly),
+#: ``cross`` (objects travel between opposite sides through the centre, crossing and occluding
+#: each other mid-clip).
+MOTIONS = ("mixed", "drift", "cross")
+
+
+def _make_objects(rng: np.random.Generator, h: int, w: int, n: int,
+                  motion: str = "mixed") -> List[_Obj]:
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
     objs = []
     s = float(min(h, w))
     for i in range(n):
@@ -134,6 +144,15 @@ def _make_objects(rng: np.random.Generator, h: int, w: int, n: int) -> List[_Obj
             p0, p1 = (rng.uniform(0.3, 0.7) * w, h + r * 1.1), (rng.uniform(0.3, 0.7) * w, 0.4 * h)
         else:            # leaves through the top-right
             p0, p1 = (0.4 * w, 0.55 * h), (w + r * 0.5, -r * 0.5)
+        if motion == "drift":    # stays inside: a short drift around its own spot
+            cx, cy = (0.2 + 0.6 * ((i * 0.37) % 1.0)) * w, (0.3 + 0.4 * ((i * 0.61) % 1.0)) * h
+            d = 0.08 * s
+            p0, p1 = (cx - d, cy - d / 2), (cx + d, cy + d / 2)
+        elif motion == "cross":  # opposite sides through the centre, all meet mid-clip
+            ang = math.pi * i / max(n, 1) + 0.3
+            rx, ry = 0.38 * w, 0.32 * h
+            p0 = (w / 2 - rx * math.cos(ang), h / 2 - ry * math.sin(ang))
+            p1 = (w / 2 + rx * math.cos(ang), h / 2 + ry * math.sin(ang))
         c1 = rng.uniform(0, 255, size=3).astype(np.float32)
         c2 = np.clip(c1 + rng.choice([-1, 1], size=3) * rng.uniform(50, 110, size=3), 0, 255)
         objs.append(_Obj(kind=kind, sides=int(rng.integers(3, 7)), radius=radius, p0=p0, p1=p1,
@@ -184,8 +203,9 @@ def _render(obj: _Obj, t: int, num_frames: int, grid: Tuple[np.ndarray, np.ndarr
 
 
 def render_scene(num_frames: int, size: Tuple[int, int], seed: int = 0,
-                 num_objects: int = 4) -> Tuple[np.ndarray, np.ndarray, List[str]]:
-    """Render the demo scene without encoding it.
+                 num_objects: int = 4, motion: str = "mixed"
+                 ) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    """Render the demo scene without encoding it (``motion``: one of :data:`MOTIONS`).
 
     Returns:
         (frames uint8 (T, H, W, 3), visible masks bool (T, N, H, W), object kinds).
@@ -195,7 +215,7 @@ def render_scene(num_frames: int, size: Tuple[int, int], seed: int = 0,
         raise ValueError(f"need size >= 2x2 and num_frames >= 1, got {size}, {num_frames}")
     rng = np.random.default_rng(seed)
     bg = _background(rng, h, w)
-    objs = _make_objects(rng, h, w, num_objects)
+    objs = _make_objects(rng, h, w, num_objects, motion)
     tex = [_smooth_noise(rng, h, w, 24) for _ in objs]
     grid = tuple(np.mgrid[0:h, 0:w].astype(np.float32))
     frames = np.empty((num_frames, h, w, 3), np.uint8)
@@ -315,7 +335,7 @@ def make_demo_video(path: PathLike, num_frames: int = 24, size: Tuple[int, int] 
                     fps: float = 10, seed: int = 0, codec: str = "libx264",
                     pix_fmt: str = "yuv444p", rotate: Optional[int] = None, *,
                     num_objects: int = 4, lossless: bool = True,
-                    rotate_as_tag: bool = False) -> DemoVideo:
+                    rotate_as_tag: bool = False, motion: str = "mixed") -> DemoVideo:
     """Render and encode the demo clip: moving textured objects over a textured background.
 
     Args:
@@ -330,11 +350,13 @@ def make_demo_video(path: PathLike, num_frames: int = 24, size: Tuple[int, int] 
         num_objects: objects in the scene (object ``i`` is in front of objects ``< i``).
         lossless: see :func:`encode_frames`.
         rotate_as_tag: see :func:`encode_frames`.
+        motion: ``mixed`` (default), ``drift`` or ``cross`` (:data:`MOTIONS`).
 
     Returns:
         :class:`DemoVideo` with the encoded frames and the objects' visible masks.
     """
-    frames, masks, kinds = render_scene(num_frames, size, seed=seed, num_objects=num_objects)
+    frames, masks, kinds = render_scene(num_frames, size, seed=seed, num_objects=num_objects,
+                                        motion=motion)
     encode_frames(path, frames, fps=fps, codec=codec, pix_fmt=pix_fmt, rotate=rotate,
                   rotate_as_tag=rotate_as_tag, lossless=lossless)
     return DemoVideo(path=Path(path), frames=frames, masks=masks, fps=float(fps), codec=codec,

@@ -204,3 +204,20 @@ def test_quantize_refuses_bad_inputs(tiny_bundle, int8_bundle, demo_mp4, tmp_pat
     assert main(["quantize", str(tiny_bundle), "--calibration", str(tmp_path / "nope.mp4"),
                  "--output", str(tmp_path / "y")]) != 0
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_synthetic_scene_motions():
+    from dvis_trt.runtime.synthetic import render_scene
+
+    t, size = 9, (90, 160)
+    mixed, _, _ = render_scene(t, size, seed=3)
+    again, _, _ = render_scene(t, size, seed=3, motion="mixed")
+    assert np.array_equal(mixed, again)                  # the default scene is unchanged
+    _, drift, _ = render_scene(t, size, seed=3, motion="drift")
+    assert drift.reshape(t, drift.shape[1], -1).any(-1).all()   # every object always visible
+    _, cross, _ = render_scene(t, size, seed=3, num_objects=3, motion="cross")
+    area = cross.reshape(t, 3, -1).sum(-1)
+    # objects meet in the middle of the clip: visible area drops there (occlusion)
+    assert area[t // 2].sum() < 0.9 * area[0].sum()
+    with pytest.raises(ValueError):
+        render_scene(2, size, motion="spiral")
