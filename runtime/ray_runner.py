@@ -54,7 +54,7 @@ from .errors import DependencyError, DvisTrtError, InputError
 
 __all__ = ["RAY_HINT", "TEST_EXIT_ENV", "VIDEO_SUFFIXES", "VideoRef", "RayOptions",
            "RayRunSummary", "VideoWorker", "is_uri", "split_address", "collect_inputs",
-           "plan_workers", "run_collection", "run_from_args"]
+           "plan_workers", "run_collection", "shard_key_of_args", "run_from_args"]
 
 #: the one line a missing Ray gives
 RAY_HINT = "pip install 'dvis-trt[ray]'"
@@ -677,11 +677,24 @@ def _consume(ds, pending, jobs, journal, summary: RayRunSummary, *, keep_going: 
     return summary
 
 
+def shard_key_of_args(args, bundle_root, category_ids) -> str:
+    """The shard key of a ``run`` command line: the same as
+    :meth:`~dvis_trt.runtime.runner.Runner.shard_key` of the local run with these options, so
+    local and Ray runs resume each other."""
+    from .shards import key_for_run
+
+    return key_for_run(bundle_root, backend=args.backend, providers=args.providers,
+                       window=args.window,
+                       clip_frames=None if args.clip_frames == 0 else args.clip_frames,
+                       memory_gb=args.memory_gb, category_ids=category_ids,
+                       lenient=bool(args.lenient))
+
+
 def run_from_args(args) -> int:
     """``dvis-trt run ... --ray``: the same checks and outputs as the local run."""
     from .manifest import load_manifest
     from .runner import check_outputs, load_class_names, overlay_paths
-    from .shards import key_for_run, open_journal, video_identity
+    from .shards import open_journal, video_identity
 
     _import_ray()
     address, inputs = split_address(args.ray, args.inputs)
@@ -706,9 +719,7 @@ def run_from_args(args) -> int:
                        checkpoint=args.checkpoint and str(Path(args.checkpoint).absolute()),
                        config_file=args.config_file and str(Path(args.config_file).absolute()),
                        verify=not args.no_verify)
-    key = key_for_run(manifest.root, backend=args.backend, providers=args.providers,
-                      window=args.window, clip_frames=clip_frames, memory_gb=args.memory_gb,
-                      category_ids=category_ids, lenient=bool(args.lenient))
+    key = shard_key_of_args(args, manifest.root, category_ids)
     idents = [video_identity(r.name, r.video_id, r.uri or (jobs[r.index].path or None))
               for r in refs]
     say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))

@@ -212,3 +212,17 @@ def test_resources_map_onto_actors():
     assert plan_workers(RayOptions(workers=2), {"CPU": 2.0}) == (2, 1.0, 0.0)
     assert plan_workers(RayOptions(workers=3, cpus_per_worker=1.5), {"CPU": 2.0}) == \
         (3, 1.5, 0.0)
+
+
+def test_local_and_ray_runs_share_shard_keys(tiny_runner, tiny_bundle):
+    """A local run and a --ray run with the same options can resume each other's shards."""
+    from dvis_trt.runtime.cli import build_parser
+    from dvis_trt.runtime.ray_runner import shard_key_of_args
+
+    runner = tiny_runner()  # ort, providers cpu, window 5, one clip
+    args = build_parser(only="run").parse_args(
+        ["run", str(tiny_bundle), "x.mp4", "--backend", "ort", "--providers", "cpu",
+         "--clip-frames", "0", "--ray"])
+    assert shard_key_of_args(args, tiny_bundle, None) == runner.shard_key(lenient=False)
+    args.window = 3
+    assert shard_key_of_args(args, tiny_bundle, None) != runner.shard_key(lenient=False)
