@@ -15,10 +15,9 @@ marked invalid and no speed is reported for it).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 
 __all__ = ["add_arguments", "run", "parse_int_list"]
 

@@ -32,6 +32,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from dvis_trt.plugins import identity
+
 
 __all__ = ["GraphFlops", "GEMM_OPS", "count_graph_flops", "concretize", "infer_concrete_shapes",
            "node_flops", "FlopCounter"]
@@ -50,7 +52,7 @@ _NORMS = {"LayerNormalization", "InstanceNormalization", "GroupNormalization",
           "BatchNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization"}
 _REDUCE = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2",
            "ReduceSumSquare", "CumSum", "ArgMax", "ArgMin"}
-_MSDA_OPS = {"DvisMSDeformAttn", "MultiscaleDeformableAttnPlugin_TRT"}
+_MSDA_OPS = set(identity.MSDA_OP_TYPES)
 
 Shape = List[Optional[int]]
 

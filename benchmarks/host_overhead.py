@@ -36,7 +36,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-R50_CONFIG = Path(__file__).resolve().parents[1] / "runtime" / "configs" / \
+R50_CONFIG = Path(__file__).resolve().parents[1] / "export" / "configs" / \
     "dvis_daq_offline_r50_ovis.yaml"
 
 
@@ -206,7 +206,7 @@ def _parse_size(text: str):
 def stub_run(frames: int, tracks: int, size, threads: int, seed: int = 0,
              blas_threads: Optional[int] = 1, repeat: int = 3) -> dict:
     from dvis_trt.runtime import pipeline as pl
-    from dvis_trt.runtime.config import inference_values, load_config
+    from dvis_trt.export.config import inference_values, load_config
     from dvis_trt.runtime.postprocess import MaskUpsampler
     from dvis_trt.runtime.runner import limit_blas_threads
 
@@ -273,7 +273,8 @@ def engine_run(bundle: str, video: Optional[str], frames: int, size, threads: in
                window: int) -> dict:
     """The real bundle on ONNX Runtime CPU: per-stage engine time, host time, frames/s."""
     from dvis_trt.runtime import pipeline as pl
-    from dvis_trt.runtime.runner import Runner, discover_inputs
+    from dvis_trt.runtime.inputs import discover_inputs
+    from dvis_trt.runtime.runner import Runner
 
     if video is None:
         from dvis_trt.runtime.synthetic import make_demo_video
@@ -325,7 +326,7 @@ def make_r50_bundle(out_dir: str, seed: int = 0) -> str:
     from dvis_trt.export.model.build import build_model
     from dvis_trt.export.onnx_export import export_bundle
     from dvis_trt.export.testing import spread_weights_
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.config import load_config
 
     cfg = load_config(R50_CONFIG)
     torch.manual_seed(seed)

@@ -97,7 +97,7 @@ def bench_latency(bundle, frames: Sequence[np.ndarray], modes: Sequence[str], *,
                   warmup_frames: int = 2, say=print) -> List[LatencyRow]:
     """Time ``modes`` (``online``, ``near-online:N``, ``offline``) on ``frames`` (RGB uint8);
     see the module docstring. Returns one :class:`LatencyRow` per mode."""
-    from dvis_trt.runtime.manifest import load_manifest
+    from dvis_trt.runtime.bundle import load_manifest
     from dvis_trt.runtime.online import NearOnlinePipeline, OnlinePipeline
     from dvis_trt.runtime.runner import Runner
 
@@ -152,7 +152,7 @@ def latency_markdown(rows: Sequence[LatencyRow], title: str = "") -> str:
 def run_cli(args) -> int:
     """``dvis-trt bench --mode online|near-online|all``: writes OUT/latency.json and
     OUT/latency.md, prints the table."""
-    from dvis_trt.runtime.errors import InputError
+    from dvis_trt.errors import InputError
     from dvis_trt.runtime.video import open_source
 
     bundles, video = list(args.bundle or []), args.video   # resolved by cli_bench.run
@@ -181,7 +181,7 @@ def run_cli(args) -> int:
     title = (f"Latency, {len(frames)} frames of {h}x{w}, backend {backend}, threads "
              f"{args.threads or 'all'}, {args.repeats} rounds (frame arrival -> result)")
     md = latency_markdown(rows, title)
-    from dvis_trt.runtime.manifest import atomic_write_text
+    from dvis_trt.fileio import atomic_write_text
     atomic_write_text(out / "latency.md", md)
     atomic_write_text(out / "latency.json", json.dumps(
         {"schema": "dvis-trt-latency/1", "video": str(video), "bundle": str(bundles[0]),

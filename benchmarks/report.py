@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 
 from .harness import SCHEMA, STAGE_GROUPS
 
@@ -63,7 +63,7 @@ def load_runs(path) -> List[Dict[str, Any]]:
 
 def append_run(path, record: Mapping[str, Any]) -> Path:
     """Append ``record`` to the history at ``path`` (created if absent); atomic rewrite."""
-    from dvis_trt.runtime.results import atomic_write_json
+    from dvis_trt.fileio import atomic_write_json
     validate_record(record)
     p = Path(path)
     runs = load_runs(p) if p.is_file() else []
@@ -390,7 +390,7 @@ def plot(rec: Mapping[str, Any], path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"dvis-trt bench {rec['id']} — {_hardware(rec)}", fontsize=9)
     fig.tight_layout()
-    from dvis_trt.runtime.results import atomic_output
+    from dvis_trt.fileio import atomic_output
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
@@ -440,7 +440,7 @@ def compare(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
 
 def write_outputs(rec: Mapping[str, Any], json_path, md_path, png_path) -> Dict[str, Path]:
     """Append to the JSON history and (over)write the markdown and the PNG."""
-    from dvis_trt.runtime.results import atomic_output
+    from dvis_trt.fileio import atomic_output
     out = {"json": append_run(json_path, rec)}
     with atomic_output(md_path) as tmp:
         Path(tmp).write_text(markdown(rec))

@@ -60,9 +60,9 @@ def _tiny_bundle(where: Path) -> Path:
     from dvis_trt.export.checkpoint import write_random_checkpoint
     from dvis_trt.export.onnx_export import export_from_checkpoint
     from dvis_trt.export.testing import build_test_model
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.config import load_config
 
-    cfg_path = ROOT / "runtime" / "configs" / "tiny.yaml"
+    cfg_path = ROOT / "export" / "configs" / "tiny.yaml"
     cfg = load_config(cfg_path)
     ckpt = where / "tiny.pth"
     write_random_checkpoint(lambda: build_test_model(cfg, seed=6), ckpt, 6)

@@ -13,7 +13,7 @@ anything:
   entries it lists are ever deleted (:func:`owned_entries`): files a user put beside a bundle
   survive a re-export.
 
-A refusal is one line (:class:`OutputRefused`, a :class:`~dvis_trt.runtime.errors.InputError`)
+A refusal is one line (:class:`OutputRefused`, a :class:`~dvis_trt.errors.InputError`)
 and nothing has been changed.
 
 Temporaries: :func:`temp_path` names them ``.<name>.dvis-trt-tmp-<pid>-<rand><suffix>`` in the
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 
 __all__ = ["OutputRefused", "BUNDLE_MARKER", "MARKER_FORMAT", "TEMP_TAG", "NAME_MAX",
            "check_outputs", "temp_path", "clean_stale_temps", "parse_temp_name", "write_marker",

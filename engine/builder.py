@@ -3,7 +3,7 @@
 Polygraphy's loaders do the TensorRT work: our MSDA plugin library registered through ``dvis_trt.plugins.register_trt_plugin`` (loaded
 before parsing so the ONNX parser finds its creator), ``NetworkFromOnnxPath(strongly_typed=True)``
 (TensorRT 11 always builds strongly typed; TRT 10 needs the flag: precision is what the graph's
-dtypes say, see :mod:`dvis_trt.engine.precision`), ``CreateConfig(profiles=..., memory_pool_limits=
+dtypes say, see :mod:`dvis_trt.export.precision`), ``CreateConfig(profiles=..., memory_pool_limits=
 ..., load_timing_cache=...)`` (no precision flags: they are gone in TRT 11 and meaningless for a
 strongly typed network), ``EngineFromNetwork(..., save_timing_cache=...)`` and ``SaveEngine``.
 
@@ -26,12 +26,17 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from dvis_trt.runtime.errors import BundleError, DependencyError, InputError
-from dvis_trt.runtime.manifest import BundleManifest, load_manifest, sha256_file
+from dvis_trt.errors import BundleError, DependencyError, InputError
+from dvis_trt.fileio import sha256_file
+from dvis_trt.runtime.bundle import BundleManifest, load_manifest
+from dvis_trt.runtime.bundle.engines import (ENGINE_MANIFEST_NAME, ENGINES_DIR, EngineManifest,
+                                             MachineInfo, StageEngine, engine_dir_name, gpu_slug,
+                                             load_engine_manifest, staleness_reasons,
+                                             write_engine_manifest)
+from dvis_trt.runtime.bundle.profiles import Profile
+from dvis_trt.runtime.backends.trt.loader import machine_info
 
-from .manifest import (ENGINE_MANIFEST_NAME, ENGINES_DIR, EngineManifest, MachineInfo, StageEngine, engine_dir_name,
-                       gpu_slug, load_engine_manifest, staleness_reasons, write_engine_manifest)
-from .profiles import BuildLimits, Profile, derive_profiles
+from .profiles import BuildLimits, derive_profiles
 
 __all__ = ["machine_info", "build_engines", "refuse_gridsample", "default_plugin_library",
            "polygraphy_profiles", "timing_cache_path", "check_engines", "TOLERANCES"]
@@ -65,25 +70,6 @@ def _polygraphy_trt():
         raise DependencyError("`dvis-trt build` needs Polygraphy; pip install "
                               "'dvis-trt[engine]'") from None
     return ptrt
-
-
-def machine_info(device: int = 0) -> MachineInfo:
-    """TensorRT version and the CUDA device's name and compute capability (needs a GPU).
-    Raises :class:`DependencyError` when tensorrt / cuda-python / a CUDA driver is missing."""
-    trt = _trt()
-    try:
-        from cuda.bindings import runtime as cudart  # noqa: PLC0415
-    except ImportError:
-        raise DependencyError("pip install cuda-python (NVIDIA's CUDA binding) to query the "
-                              "GPU") from None
-    err, prop = cudart.cudaGetDeviceProperties(device)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise DependencyError(f"no usable CUDA GPU {device} ({err.name}); TensorRT engines "
-                              "need an NVIDIA GPU and driver")
-    name = prop.name
-    if isinstance(name, (bytes, bytearray)):
-        name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
-    return MachineInfo(trt.__version__, str(name).strip(), f"{prop.major}.{prop.minor}")
 
 
 def refuse_gridsample(manifest: BundleManifest, allow: bool) -> None:
@@ -261,7 +247,7 @@ def check_engines(bundle_dir: str | os.PathLike, *, engine_dir: str | None = Non
     ptrt = _polygraphy_trt()
     manifest = load_manifest(bundle_dir)
     machine = machine_info()
-    from .manifest import check_fresh, find_engine_dir  # noqa: PLC0415
+    from dvis_trt.runtime.bundle.engines import check_fresh, find_engine_dir  # noqa: PLC0415
     edir = Path(engine_dir) if engine_dir else find_engine_dir(manifest, machine)
     em = load_engine_manifest(edir)
     plugin_sha = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 
 from .profiles import RESOLUTION_PRESETS, BuildLimits
 from dvis_trt.runtime.cli import positive_int as _positive
@@ -72,7 +72,7 @@ def limits_from_args(args: argparse.Namespace) -> BuildLimits:
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from dvis_trt.runtime.errors import DependencyError
+    from dvis_trt.errors import DependencyError
     from dvis_trt.runtime.cli_args import resolve_main_arguments
 
     resolve_main_arguments(args)

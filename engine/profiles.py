@@ -38,13 +38,16 @@ runtime selects the same index everywhere. The refiner has a single profile.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from dvis_trt.runtime.errors import BundleError, InputError
-from dvis_trt.runtime.manifest import (BundleManifest, StageSpec, eval_dim, shape_symbols)
+from dvis_trt.errors import BundleError, InputError
+from dvis_trt.runtime.bundle.manifest import BundleManifest
+from dvis_trt.runtime.bundle.profiles import DimRange, Profile
+from dvis_trt.runtime.bundle.shapes import eval_dim
+from dvis_trt.runtime.bundle.stages import StageSpec
 
-__all__ = ["RESOLUTION_PRESETS", "BuildLimits", "DimRange", "Profile", "parse_resolution",
+__all__ = ["RESOLUTION_PRESETS", "BuildLimits", "parse_resolution",
            "resized_padded_shape", "resolution_buckets", "derive_profiles", "stage_dim_ranges"]
 
 #: Named resolutions (landscape width x height); both orientations are always added.
@@ -86,56 +89,6 @@ class BuildLimits:
                 "resolutions": list(self.resolutions), "max_tracks": self.max_tracks,
                 "opt_tracks": self.opt_tracks, "max_num": self.max_num,
                 "mask_window": self.mask_window, "mode": self.mode}
-
-
-@dataclass(frozen=True)
-class DimRange:
-    """min <= opt <= max of one symbol."""
-
-    min: int
-    opt: int
-    max: int
-
-    def __post_init__(self):
-        if not (1 <= self.min <= self.opt <= self.max):
-            raise ValueError(f"bad dim range min={self.min} opt={self.opt} max={self.max}")
-
-    def contains(self, v: int) -> bool:
-        return self.min <= v <= self.max
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One optimization profile of one stage.
-
-    name: bucket key (``"480x864"``, ``"range"``, ``"all"``); dims: symbol -> range;
-    shapes: input name -> (min_shape, opt_shape, max_shape) (concrete tuples).
-    """
-
-    name: str
-    dims: dict[str, DimRange]
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = \
-        field(default_factory=dict)
-
-    def contains(self, input_shapes: Mapping[str, Sequence[int]]) -> bool:
-        """True when every given input shape lies inside [min, max] on every axis."""
-        for name, shape in input_shapes.items():
-            lo, _, hi = self.shapes[name]
-            if len(shape) != len(lo) or any(not (a <= s <= b) for s, a, b in zip(shape, lo, hi)):
-                return False
-        return True
-
-    def to_dict(self) -> dict:
-        return {"name": self.name,
-                "dims": {k: [r.min, r.opt, r.max] for k, r in self.dims.items()},
-                "shapes": {k: [list(a), list(b), list(c)] for k, (a, b, c) in self.shapes.items()}}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Profile":
-        return cls(name=str(d["name"]),
-                   dims={k: DimRange(*map(int, v)) for k, v in d["dims"].items()},
-                   shapes={k: tuple(tuple(int(x) for x in s) for s in v)  # type: ignore[misc]
-                           for k, v in d["shapes"].items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,24 +258,4 @@ def derive_profiles(manifest: BundleManifest, limits: BuildLimits,
     return out
 
 
-def select_profile(profiles: Sequence[Profile], input_shapes: Mapping[str, Sequence[int]]
-                   ) -> int:
-    """Index of the profile to run ``input_shapes`` with: the first profile that contains them
-    (exact buckets come before the covering profile, so an exact match wins). Returns -1 when
-    none does."""
-    for i, p in enumerate(profiles):
-        if p.contains(input_shapes):
-            return i
-    return -1
-
-
-def describe_limits(profiles: Sequence[Profile]) -> str:
-    """Human summary of what a stage's profiles accept, for error messages."""
-    parts = []
-    for p in profiles:
-        parts.append(p.name + ": " + ", ".join(f"{k} in [{r.min}, {r.max}]"
-                                               for k, r in sorted(p.dims.items())))
-    return "; ".join(parts)
-
-
-__all__ += ["select_profile", "describe_limits", "IMAGE_SYMBOLS", "shape_symbols"]
+__all__ += ["IMAGE_SYMBOLS"]

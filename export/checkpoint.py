@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dvis_trt.runtime.errors import CheckpointError, InputError
+from dvis_trt.errors import CheckpointError, InputError
 
 __all__ = [
     "IGNORED_KEYS",
@@ -483,8 +483,8 @@ def write_random_checkpoint(model: Union[nn.Module, Callable[[], nn.Module]], pa
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` through :func:`dvis_trt.runtime.results.atomic_output` (temp + rename)."""
-    from dvis_trt.runtime.results import atomic_output
+    """``torch.save`` through :func:`dvis_trt.fileio.atomic_output` (temp + rename)."""
+    from dvis_trt.fileio import atomic_output
 
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:

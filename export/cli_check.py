@@ -15,31 +15,29 @@ Metrics per output: ``max_abs = max |backend - reference|``; ``max_rel = max_abs
 |reference|`` (relative to the output's scale, so near-zero entries do not blow it up). An output
 passes when ``max_abs <= atol + rtol * max |reference|``; exit status 1 if any fails.
 
-Hook for other backends: :data:`BACKENDS` maps a name to ``"module:Class"``; a class with a
-classmethod ``from_check_args(args)`` is built with it (e.g. TensorRT, which needs an engine
-folder), otherwise with ``Class()``.
+Backends come from the one registry, :func:`dvis_trt.runtime.backends.registry.create_backend`
+(a new backend registered there is checkable here with no change).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-from dvis_trt.runtime.errors import DependencyError, InputError
+from dvis_trt.errors import InputError
+from dvis_trt.fileio import atomic_write_json
+from dvis_trt.runtime.backends.registry import BACKENDS as REGISTRY_BACKENDS
+from dvis_trt.runtime.backends.registry import create_backend
+from dvis_trt.runtime.bundle import load_constants
 
-__all__ = ["add_arguments", "run", "BACKENDS", "make_backend", "CheckRow", "compare_stages",
+__all__ = ["add_arguments", "run", "BACKENDS", "CheckRow", "compare_stages",
            "diff_stats", "format_table", "DEFAULT_RTOL", "DEFAULT_ATOL"]
 
-#: backend name -> "module:Class" (the TensorRT helper adds its class under "trt").
-BACKENDS: Dict[str, str] = {
-    "ort": "dvis_trt.runtime.backends.ort_backend:OrtBackend",
-    "torch": "dvis_trt.runtime.backends.torch_backend:TorchBackend",
-    "trt": "dvis_trt.runtime.backends.trt_backend:TrtBackend",
-}
+#: Backends ``check`` can compare (the registry's, less ``auto``).
+BACKENDS = tuple(n for n in REGISTRY_BACKENDS if n != "auto")
 #: Default pass criterion ``max_abs <= atol + rtol * max|ref|``. fp32 graphs that compute the
 #: same function in another order differ by ~1e-6 of the output's scale per layer; the R50
 #: segmenter stacks ~100 layers, so 1e-3 of the scale still flags any real divergence (a
@@ -91,26 +89,6 @@ def diff_stats(got: np.ndarray, ref: np.ndarray) -> tuple:
     return max_abs, (max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else float("inf"))), ref_max
 
 
-def make_backend(name: str, args: Optional[argparse.Namespace] = None, **kwargs: Any):
-    """Instantiate backend ``name`` of :data:`BACKENDS`.
-
-    ``args`` (the check command's options) go to ``Class.from_check_args(args)`` when the class
-    has it; otherwise ``Class(**kwargs)``. Raises :class:`InputError` for an unknown name and
-    :class:`DependencyError` when the backend's module cannot be imported.
-    """
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(sorted(BACKENDS))}")
-    module_name, cls_name = BACKENDS[name].split(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as exc:
-        raise DependencyError(f"backend '{name}' is not available here ({module_name}: {exc}); "
-                              "install its extra or pick another --backend") from exc
-    if args is not None and hasattr(cls, "from_check_args"):
-        return cls.from_check_args(args)
-    return cls(**kwargs)
-
-
 def compare_stages(backend, reference, manifest, dims, *, tracks: Sequence[int] = (),
                    stages: Optional[Sequence[str]] = None, seed: int = 0,
                    rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
@@ -130,9 +108,7 @@ def compare_stages(backend, reference, manifest, dims, *, tracks: Sequence[int] 
     """
     from .sample_inputs import sample_stage_inputs, tracker_step_inputs
 
-    const_path = manifest.root / manifest.constants.file
-    with np.load(const_path) as npz:
-        constants = {k: npz[k] for k in npz.files}
+    constants = load_constants(manifest)
     say = progress or (lambda line: None)
     t0 = time.perf_counter()
     inputs = sample_stage_inputs(reference.run, dims, constants,
@@ -251,12 +227,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _backend_from_args(name: str, args: argparse.Namespace):
     if name == "ort":
         from dvis_trt.runtime.validate import clamp_threads
-        return make_backend("ort", providers=args.providers, threads=clamp_threads(args.threads))
+        return create_backend("ort", providers=args.providers, threads=clamp_threads(args.threads))
     if name == "torch":
-        return make_backend("torch", checkpoint=args.checkpoint, config_file=args.config_file,
-                            overrides=args.opts, threads=args.threads,
-                            allow_unsafe_pickle=args.allow_unsafe_pickle)
-    return make_backend(name, args)
+        return create_backend("torch", checkpoint=args.checkpoint, config_file=args.config_file,
+                              overrides=args.opts, threads=args.threads,
+                              allow_unsafe_pickle=args.allow_unsafe_pickle)
+    return create_backend(name)
 
 
 def run_against(args: argparse.Namespace) -> int:
@@ -285,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_main_arguments(args)
     if args.against:
         return run_against(args)
-    from dvis_trt.runtime.manifest import STAGE_NAMES, load_manifest
+    from dvis_trt.runtime.bundle import STAGE_NAMES, load_manifest
 
     from .cli_export import parse_size
     from .onnx_export import example_dims
@@ -352,7 +328,6 @@ def run(args: argparse.Namespace) -> int:
           f"{args.atol:g} + {args.rtol:g} * max|ref|)")
     print(format_table(rows))
     if args.json:
-        from dvis_trt.runtime.results import atomic_write_json
         atomic_write_json(args.json, {"bundle": str(manifest.root), "backend": args.backend,
                                       "reference": args.reference, "rtol": args.rtol,
                                       "atol": args.atol, "rows": [r.to_dict() for r in rows]},

@@ -11,7 +11,7 @@ import argparse
 import re
 import time
 
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 
 __all__ = ["add_arguments", "run", "parse_size"]
 
@@ -33,7 +33,7 @@ def parse_size(text: str) -> tuple:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt export``."""
-    from dvis_trt.runtime.manifest import MSDA_MODES
+    from dvis_trt.runtime.bundle import MSDA_MODES
 
     from dvis_trt.runtime.cli_args import add_main_argument
 
@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export; prints one line per stage and a summary. Returns 0 (errors raise
-    :class:`~dvis_trt.runtime.errors.DvisTrtError`, which the CLI prints as one line).
+    :class:`~dvis_trt.errors.DvisTrtError`, which the CLI prints as one line).
 
     ``--precision int8`` exports fp32 into a temporary bundle next to ``--output`` and
     quantizes it from there (:func:`dvis_trt.export.quantize.quantize_bundle`); fp16/bf16 with

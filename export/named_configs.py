@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 
 __all__ = ["NamedConfig", "NAMED_CONFIGS", "packaged_dir", "resolve_config", "load_named_config",
            "describe_all", "config_label", "eager_config_source"]
@@ -60,7 +60,7 @@ NAMED_CONFIGS: Dict[str, NamedConfig] = {c.name: c for c in (
 
 def packaged_dir() -> Path:
     """Folder of the packaged config files (package data next to the config reader)."""
-    from dvis_trt.runtime import config as _config
+    from dvis_trt.export import config as _config
 
     return Path(_config.__file__).resolve().parent / "configs"
 
@@ -93,8 +93,8 @@ def resolve_config(name_or_path: Union[str, os.PathLike]) -> Tuple[Path, Optiona
 
 def load_named_config(name_or_path: Union[str, os.PathLike],
                       overrides: Union[Sequence[str], None] = None):
-    """:func:`~dvis_trt.runtime.config.load_config` of a name or a path (see :func:`resolve_config`)."""
-    from dvis_trt.runtime.config import load_config
+    """:func:`~dvis_trt.export.config.load_config` of a name or a path (see :func:`resolve_config`)."""
+    from dvis_trt.export.config import load_config
 
     path, _ = resolve_config(name_or_path)
     return load_config(path, overrides)
@@ -109,7 +109,7 @@ def config_label(name_or_path: Union[str, os.PathLike]) -> str:
 
 def describe_all() -> List[Dict[str, object]]:
     """One row per name: name, backbone, dataset, classes (count), queries, file, resolved_from."""
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.config import load_config
 
     rows = []
     for c in NAMED_CONFIGS.values():

@@ -6,10 +6,10 @@
       segmenter.onnx tracker_first.onnx tracker_step.onnx refiner.onnx mask_head.onnx
       constants.npz      # bg_slots (S, C) = tracker.bg_slots.weight,
                          # seg_query_feat (Q, C) = sem_seg_head.predictor.query_feat.weight
-      manifest.json      # dvis_trt.runtime.manifest schema (format 1)
+      manifest.json      # dvis_trt.runtime.bundle schema (format 1)
 
 Each stage graph goes through: the TorchScript exporter (pinned, see :data:`EXPORTER`) with the
-dynamic axes of :data:`dvis_trt.runtime.manifest.STAGE_SPECS` -> Polygraphy constant folding
+dynamic axes of :data:`dvis_trt.runtime.bundle.STAGE_SPECS` -> Polygraphy constant folding
 (``polygraphy.backend.onnx.fold_constants``, which folds shape sub-graphs too) -> graph I/O
 shapes stamped from the stage spec -> ``onnx.shape_inference`` (strict, type-checked, data
 propagation) -> ``onnx.checker.check_model(full_check=True)`` -> our TensorRT-friendliness
@@ -43,9 +43,9 @@ import torch
 from torch import nn
 
 import dvis_trt
-from dvis_trt.runtime.errors import BundleError, DependencyError, InputError
-from dvis_trt.runtime.manifest import (EXPORT_STAGE_NAMES, MANIFEST_NAME, MSDA_MODES,
-                                       ONLINE_STAGE_NAMES, BundleConfig,
+from dvis_trt.errors import BundleError, DependencyError, InputError
+from dvis_trt.runtime.bundle import (EXPORT_STAGE_NAMES, MANIFEST_NAME, MSDA_MODES,
+                                       ONLINE_STAGE_NAMES, InferenceConfig,
                                        BundleManifest, ConstantsSpec, StageSpec, TensorSpec,
                                        stage_specs, write_manifest)
 
@@ -167,7 +167,7 @@ def bundle_values(cfg: Any) -> Dict[str, Any]:
     an already-made mapping of those values (must have ``num_classes``)."""
     if isinstance(cfg, Mapping) and "num_classes" in cfg:
         return dict(cfg)
-    from dvis_trt.runtime.config import inference_values
+    from dvis_trt.export.config import inference_values
     return inference_values(cfg)
 
 
@@ -372,7 +372,7 @@ def export_stage(module: nn.Module, stage: str, example: Mapping[str, np.ndarray
         stage: stage name (selects the names / dynamic axes).
         example: stage input name -> numpy array used to trace.
         inputs / outputs: the stage's TensorSpecs with the config's numbers filled in
-            (:func:`dvis_trt.runtime.manifest.stage_specs`); string dims become dynamic axes.
+            (:func:`dvis_trt.runtime.bundle.stage_specs`); string dims become dynamic axes.
         msda: ``onnx`` | ``plugin`` | ``trt-builtin``.
         opset: ONNX opset (``MIN_OPSET``..``MAX_OPSET``).
         fold: run Polygraphy constant folding.
@@ -504,8 +504,8 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
 
     Args:
         model: the eager model (``build_model(cfg)`` + ``load_checkpoint``); put in eval mode.
-        cfg: the loaded config (:func:`dvis_trt.runtime.config.load_config`) or the mapping of
-            :func:`~dvis_trt.runtime.config.inference_values` (the manifest's ``config``).
+        cfg: the loaded config (:func:`dvis_trt.export.config.load_config`) or the mapping of
+            :func:`~dvis_trt.export.config.inference_values` (the manifest's ``config``).
         out_dir: bundle folder; created, or replaced as a whole if it is a bundle already.
         msda: MSDeformAttn export mode ``onnx`` (GridSample), ``plugin`` (one
             ``dvis_trt::DvisMSDeformAttn`` node per call) or ``trt-builtin``
@@ -538,7 +538,7 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
         raise InputError(f"--precision {precision!r}: use fp32, fp16 or bf16 here (int8: "
                          "dvis_trt.export.quantize.quantize_bundle on the fp32 bundle)")
     values = bundle_values(cfg)
-    config = BundleConfig.from_dict(values)
+    config = InferenceConfig.from_dict(values)
     offline = isinstance(getattr(model, "refiner", None), nn.Module)
     known = EXPORT_STAGE_NAMES if offline else ONLINE_STAGE_NAMES
     wanted = tuple(known if stages is None else stages)
@@ -587,8 +587,8 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
             if precision != "fp32":
                 # strongly typed engines run what the graph says: cast with a well-kept
                 # converter, LayerNorm/Softmax/reductions/attention logits/MSDA coordinates
-                # kept in fp32 (dvis_trt.engine.precision); graph I/O stays float32
-                from dvis_trt.engine.precision import convert_file
+                # kept in fp32 (dvis_trt.export.precision); graph I/O stays float32
+                from dvis_trt.export.precision import convert_file
                 convert_file(tmp / f"{stage}.onnx", tmp / f"{stage}.onnx", precision)
                 say(f"{stage}: converted to {precision}")
                 if rep.data_file:  # the converted graph may fit in one file now
@@ -619,7 +619,7 @@ def export_bundle(model: nn.Module, cfg: Any, out_dir: Union[str, os.PathLike], 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from dvis_trt.runtime.manifest import load_manifest
+    from dvis_trt.runtime.bundle import load_manifest
     written = load_manifest(dest, verify=False, require_stages=wanted)
     say(f"bundle written to {dest} ({len(wanted)} stages, msda={msda}, opset {opset}) in "
         f"{time.perf_counter() - t0:.1f} s")
@@ -644,7 +644,7 @@ def export_from_checkpoint(config_file: Union[str, os.PathLike],
         InputError: bad config / options; CheckpointError: keys or shapes that do not match the
         config (listed); ExportError / DependencyError as :func:`export_bundle`.
     """
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.config import load_config
 
     from .checkpoint import load_checkpoint
     from .model.build import build_model

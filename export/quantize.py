@@ -17,7 +17,7 @@ What is quantized: every ``Conv`` / ``MatMul`` / ``Gemm`` whose weight is a cons
 (activation x weight: the backbone, the pixel decoder's convolutions and deformable-encoder
 projections, the decoder's q/k/v/out projections and FFNs), **except** the numerically
 sensitive ones, which stay fp32 (see :data:`SENSITIVE_PATTERNS` and
-:func:`dvis_trt.engine.precision.kept_fp32_nodes`): MSDeformAttn sampling offsets and
+:func:`dvis_trt.export.precision.kept_fp32_nodes`): MSDeformAttn sampling offsets and
 attention weights (and the sampling itself, a custom node or GridSample, never quantized),
 attention logits and softmax, LayerNorm, the class heads, the mask-embedding MLP and the
 mask products (``mask_embed x mask_features``) whose sigmoid is thresholded at 0.5 to build
@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from dvis_trt.runtime.errors import DependencyError, InputError
+from dvis_trt.errors import DependencyError, InputError
 
 __all__ = ["QUANT_TOOLS", "QUANTIZED_STAGES", "SENSITIVE_PATTERNS", "QuantReport",
            "CalibrationSet", "load_calibration", "select_nodes", "quantize_model",
@@ -61,7 +61,7 @@ QUANTIZED_STAGES = ("segmenter",)
 DEFAULT_CALIBRATION_FRAMES = 32
 _QUANT_OPS = ("Conv", "MatMul", "Gemm")
 #: Node-name patterns (``re.search``) kept fp32 on top of the fp16 rules of
-#: :func:`~dvis_trt.engine.precision.kept_fp32_nodes`, with the reason shown in the report.
+#: :func:`~dvis_trt.export.precision.kept_fp32_nodes`, with the reason shown in the report.
 SENSITIVE_PATTERNS: Dict[str, str] = {
     r"class_embed": "class-head",
     r"mask_embed": "mask-embedding",
@@ -148,7 +148,7 @@ def load_calibration(paths: Sequence[os.PathLike | str], values: Mapping[str, An
     """
     from dvis_trt.runtime.preprocess import (normalize_and_pad, resize_frame,  # noqa: PLC0415
                                              resize_shortest_edge_shape)
-    from dvis_trt.runtime.runner import discover_inputs  # noqa: PLC0415
+    from dvis_trt.runtime.inputs import discover_inputs  # noqa: PLC0415
 
     if int(num_frames) < 1:
         raise InputError(f"--calibration-frames must be >= 1, got {num_frames}")
@@ -196,12 +196,12 @@ def select_nodes(model, extra_exclude: Sequence[str] = (),
     ``onnx.ModelProto`` whose nodes are named) into (to quantize, kept fp32 -> reason).
 
     A node is a candidate when its weight input (input 1) is an initializer or a ``Constant``
-    output. It is kept fp32 when :func:`~dvis_trt.engine.precision.kept_fp32_nodes` keeps it
+    output. It is kept fp32 when :func:`~dvis_trt.export.precision.kept_fp32_nodes` keeps it
     (attention logits, MSDA coordinates, ...), when its name matches
     :data:`SENSITIVE_PATTERNS` or one of ``extra_exclude`` (regular expressions), unless it
     matches one of ``force`` (regular expressions; for experiments and tests).
     """
-    from dvis_trt.engine.precision import kept_fp32_nodes  # noqa: PLC0415
+    from dvis_trt.export.precision import kept_fp32_nodes  # noqa: PLC0415
 
     consts = {i.name for i in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
@@ -251,7 +251,7 @@ def msda_sessions(model_has_plugin: bool) -> Iterator[None]:
 
 
 def _has_plugin(model) -> bool:
-    from dvis_trt.engine.precision import MSDA_OP_TYPES  # noqa: PLC0415
+    from dvis_trt.export.precision import MSDA_OP_TYPES  # noqa: PLC0415
     return any(n.op_type in MSDA_OP_TYPES for n in model.graph.node)
 
 
@@ -393,7 +393,7 @@ def quantize_model(src: os.PathLike | str, dst: os.PathLike | str, samples: Sequ
     except ImportError as exc:
         raise DependencyError(f"int8 quantization needs onnxruntime.quantization ({exc}); "
                               "pip install onnxruntime") from None
-    from dvis_trt.engine.precision import ensure_node_names, topological_sort  # noqa: PLC0415
+    from dvis_trt.export.precision import ensure_node_names, topological_sort  # noqa: PLC0415
 
     model = onnx.load(str(src))
     ensure_node_names(model)
@@ -474,7 +474,7 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
     import shutil  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from dvis_trt.runtime.manifest import load_manifest, write_manifest  # noqa: PLC0415
+    from dvis_trt.runtime.bundle import load_manifest, write_manifest  # noqa: PLC0415
 
     say = progress or (lambda line: None)
     src_manifest = load_manifest(bundle)

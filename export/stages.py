@@ -1,7 +1,7 @@
 """The five exported stages as ``nn.Module`` wrappers around one eager :class:`DvisDaqOffline`.
 
 Each wrapper's ``forward`` takes exactly the stage inputs of DESIGN.md's table, positionally in
-the order of :data:`dvis_trt.runtime.manifest.STAGE_SPECS`, and returns exactly its outputs, in
+the order of :data:`dvis_trt.runtime.bundle.STAGE_SPECS`, and returns exactly its outputs, in
 that order (the exporter names graph I/O from the same table; the torch backend and
 ``dvis-trt check`` bind by it). The wrappers own no parameters: they hold references to the
 model's children, so one checkpoint load serves the eager model, every stage and the export.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dvis_trt.runtime.manifest import EXPORT_STAGE_NAMES, ONLINE_STAGE_NAMES, STAGE_SPECS
+from dvis_trt.runtime.bundle import EXPORT_STAGE_NAMES, ONLINE_STAGE_NAMES, STAGE_SPECS
 
 __all__ = ["SegmenterStage", "TrackerFirstStage", "TrackerStepStage", "RefinerStage",
            "MaskHeadStage", "TrackerMasksStage", "build_stages", "stage_input_names", "stage_output_names",
@@ -142,8 +142,8 @@ def build_stages(model: nn.Module) -> Dict[str, nn.Module]:
     after loading another checkpoint into ``model``.
 
     An online model (no ``refiner``, :class:`~dvis_trt.export.model.dvis_daq_online.DvisDaqOnline`)
-    gets the stages of :data:`~dvis_trt.runtime.manifest.ONLINE_STAGE_NAMES` only; an offline one
-    all of :data:`~dvis_trt.runtime.manifest.EXPORT_STAGE_NAMES` (``tracker_masks`` included,
+    gets the stages of :data:`~dvis_trt.runtime.bundle.ONLINE_STAGE_NAMES` only; an offline one
+    all of :data:`~dvis_trt.runtime.bundle.EXPORT_STAGE_NAMES` (``tracker_masks`` included,
     so one bundle serves both modes).
 
     Raises:

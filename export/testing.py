@@ -32,7 +32,7 @@ def spread_weights_(model: nn.Module, seed: int = 0, residual_scale: float = 0.1
       layer of its ``pos_embed`` MLP by ``pos_scale`` (bias zeroed): the new-instance queries
       are identical copies and only their pooled-mask position embeds tell them apart;
     - query features/embeddings are re-drawn from N(0, 1) with ``seed``.
-    The defaults were tuned on ``runtime/configs/tiny.yaml`` with the synthetic scene of
+    The defaults were tuned on ``export/configs/tiny.yaml`` with the synthetic scene of
     :mod:`dvis_trt.runtime.synthetic` (12 frames): ~40 tracks born over several frames, ~half
     killed after 8 misses, short ones noise-filtered, the refiner's top-K mixing tracks and
     fill queries, no two distinct final queries with mask IoU > 0.9. Returns ``model``.

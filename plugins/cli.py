@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:  # pragma: no cover - convenience entry (python -m dvis_trt.plugins.cli)
-    from dvis_trt.runtime.errors import DvisTrtError
+    from dvis_trt.errors import DvisTrtError
 
     parser = argparse.ArgumentParser(prog="dvis-trt build-plugins", description=__doc__.splitlines()[0])
     add_arguments(parser)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvis_trt.runtime.errors import DependencyError
+from dvis_trt.errors import DependencyError
 
 __all__ = ["load_cpu_library", "msda_forward_cpu"]
 

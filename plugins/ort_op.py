@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-from dvis_trt.runtime.errors import DependencyError
+from dvis_trt.errors import DependencyError
 
 __all__ = ["register_ort_op", "session_options", "extensions_library_path", "uses_msda_plugin"]
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 
 __all__ = ["THRESHOLDS", "MATCH_IOU", "REPORT_FILE", "InstanceSet", "AccuracyReport",
            "compare_instances", "compare_bundles", "instances_from_result", "write_report"]
@@ -263,7 +263,8 @@ def compare_bundles(candidate: os.PathLike | str, reference: os.PathLike | str,
         InputError: no videos, bundles of different configs; BundleError / DependencyError
         from loading the bundles.
     """
-    from dvis_trt.runtime.runner import Runner, discover_inputs  # noqa: PLC0415
+    from dvis_trt.runtime.inputs import discover_inputs  # noqa: PLC0415
+    from dvis_trt.runtime.runner import Runner  # noqa: PLC0415
 
     say = progress or (lambda line: None)
     if not videos:

@@ -16,12 +16,12 @@ import os
 import sys
 
 from .cli_args import resolve_main_arguments
-from .errors import DependencyError, DvisTrtError
+from dvis_trt.errors import DependencyError, DvisTrtError
 from .extras import extra_for, missing_message
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "demo": ("dvis_trt.runtime.cli_demo",
+    "demo": ("dvis_trt.export.cli_demo",
              "make a demo bundle (random weights) and a real MP4, run it end to end"),
     "export": ("dvis_trt.export.cli_export",
                "export a DVIS-DAQ offline checkpoint to a bundle of per-stage ONNX graphs"),

@@ -23,7 +23,7 @@
 4. **Missing optional packages**: import heavy packages inside ``run``, never in
    ``add_arguments`` (``dvis-trt X --help`` must work on the edge install), and let
    :func:`dvis_trt.runtime.extras.require` say which extra to install.
-5. Bad input raises :class:`~dvis_trt.runtime.errors.InputError` (one line, exit 2).
+5. Bad input raises :class:`~dvis_trt.errors.InputError` (one line, exit 2).
 
 Example for a new verb::
 
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .errors import InputError
+from dvis_trt.errors import InputError
 
 __all__ = ["add_main_argument", "resolve_main_arguments", "kind_of", "describe_kind",
            "suggest_swap", "MainSpec", "VIDEO_SUFFIXES", "IMAGE_SUFFIXES"]

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import InputError
-from .cli import positive_int as _positive
+from dvis_trt.errors import InputError
 from .cli_args import add_main_argument
 from .validate import count, number
 
@@ -38,7 +37,7 @@ def _clip_frames(text: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt run``."""
-    from .runner import BACKENDS
+    from .backends.registry import BACKENDS
 
     add_main_argument(parser, "bundle", kind="bundle", metavar="BUNDLE", flags=("--bundle",),
                       spill="inputs", related=("inputs",), accepts=("folder",),
@@ -155,13 +154,13 @@ def read_paths(args: argparse.Namespace) -> list:
 
 def run(args: argparse.Namespace) -> int:
     """Run the videos; returns 0, or 2 when some videos of a batch were skipped (errors that
-    stop the run raise :class:`~dvis_trt.runtime.errors.DvisTrtError`)."""
-    from .runner import (Runner, check_outputs, discover_inputs, load_class_names,
-                         overlay_paths, run_videos)
+    stop the run raise :class:`~dvis_trt.errors.DvisTrtError`)."""
+    from .inputs import check_outputs, discover_inputs, load_class_names, overlay_paths
+    from .runner import Runner, run_videos
     from .cli_args import resolve_main_arguments
 
     resolve_main_arguments(args)
-    from .manifest import load_manifest
+    from .bundle import load_manifest
 
     if args.overlay_min_score < 0 or args.overlay_min_score > 1:
         raise InputError(f"--overlay-min-score must be in [0, 1], got {args.overlay_min_score}")

@@ -17,7 +17,7 @@ import signal
 import sys
 
 from .cli import positive_int as _positive
-from .errors import InputError
+from dvis_trt.errors import InputError
 
 __all__ = ["add_arguments", "run"]
 
@@ -34,7 +34,7 @@ def _seconds(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt stream``."""
-    from .runner import BACKENDS
+    from .backends.registry import BACKENDS
     from .stream import DROP_POLICIES
 
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (`dvis-trt export`)")

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 from typing import Optional
 
-from .errors import DependencyError
+from dvis_trt.errors import DependencyError
 
 __all__ = ["EXTRA_OF", "extra_for", "missing_message", "require", "have"]
 

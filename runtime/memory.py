@@ -72,7 +72,7 @@ class ClipCost:
         """The cost model of one video.
 
         Args:
-            config: the bundle's :class:`~dvis_trt.runtime.manifest.BundleConfig`.
+            config: the bundle's :class:`~dvis_trt.runtime.bundle.InferenceConfig`.
             size_hw: original frame (H, W); resized_hw: after the resize rule (h, w);
                 padded_hw: padded input (Hp, Wp).
             window: frames per segmenter call.

@@ -179,7 +179,7 @@ class OnlinePipeline:
         s, core = self.s, self.core
         (h0, w0), (h, w), (hp, wp) = self._geom(*rgb.shape[:2])
         if self._count and tuple(rgb.shape[:2]) != tuple(self._first_size):
-            from .errors import InputError
+            from dvis_trt.errors import InputError
             raise InputError(f"frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, the stream started "
                              f"at {self._first_size[1]}x{self._first_size[0]}: one size per stream")
         if not self._count:
@@ -276,7 +276,7 @@ class NearOnlinePipeline:
             self._resized = resize_shortest_edge_shape(self._size[0], self._size[1],
                                                        self.s.min_size_test, self.s.max_size_test)
         elif tuple(rgb.shape[:2]) != self._size:
-            from .errors import InputError
+            from dvis_trt.errors import InputError
             raise InputError(f"frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, the stream started "
                              f"at {self._size[1]}x{self._size[0]}: one size per stream")
         # resized on arrival: a clip holds small frames (as ``run_video``)

@@ -45,7 +45,9 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 
 from .pipeline import FILL_ID_BASE
-from .results import InstanceTrack, atomic_output, decode_rle
+from dvis_trt.fileio import atomic_output
+
+from .results import InstanceTrack, decode_rle
 
 __all__ = ["track_color", "display_id", "font_size_for", "LabelPlacement", "place_labels",
            "render_overlay_frame", "write_overlay", "write_contact_sheet", "FILL_ID_BASE",

@@ -460,7 +460,7 @@ class OfflinePipeline:
                 resized_hw = resize_shortest_edge_shape(size[0], size[1], self.s.min_size_test,
                                                         self.s.max_size_test)
             elif tuple(f.shape[:2]) != size:
-                from .errors import InputError
+                from dvis_trt.errors import InputError
                 raise InputError(f"frame {start + len(buf)} is {f.shape[1]}x{f.shape[0]}, frame 0 "
                                  f"is {size[1]}x{size[0]}: all frames of a video must have one size")
             buf.append(resize_frame(np.ascontiguousarray(f), *resized_hw))

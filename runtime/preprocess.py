@@ -14,7 +14,7 @@ from typing import Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from dvis_trt.errors import InputError
 
 
 def resize_shortest_edge_shape(h: int, w: int, short_edge: int, max_size: int) -> Tuple[int, int]:

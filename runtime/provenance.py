@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from .errors import InputError
+from dvis_trt.errors import InputError
 
 __all__ = ["checkpoint_record", "config_record", "recorded_checkpoint", "file_sha256"]
 

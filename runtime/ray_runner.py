@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import DependencyError, DvisTrtError, InputError
+from dvis_trt.errors import DependencyError, DvisTrtError, InputError
 
 __all__ = ["RAY_HINT", "TEST_EXIT_ENV", "VIDEO_SUFFIXES", "VideoRef", "RayOptions",
            "RayRunSummary", "VideoWorker", "is_uri", "split_address", "collect_inputs",
@@ -103,7 +103,7 @@ def split_address(ray_arg: Optional[str], inputs: Sequence[str]) -> Tuple[str, L
 class VideoRef:
     """One row of the collection: what a worker needs to find the video.
 
-    ``local_pos``: position in the jobs :func:`~dvis_trt.runtime.runner.discover_inputs` makes
+    ``local_pos``: position in the jobs :func:`~dvis_trt.runtime.inputs.discover_inputs` makes
     from the local inputs (the worker repeats that discovery on its node); -1 for a URI."""
 
     index: int
@@ -145,7 +145,7 @@ def _expand_uri(uri: str) -> List[str]:
 
 def _uri_job(uri: str, video_id: int):
     """The driver's stand-in VideoJob of a URI (names, overlay paths; workers open it)."""
-    from .runner import VideoJob
+    from .inputs import VideoJob
 
     name = Path(uri.split("://", 1)[1]).stem or "video"
 
@@ -159,11 +159,11 @@ def collect_inputs(inputs: Sequence[str], ytvis_json: Optional[str], ytvis_root:
                    strict: bool):
     """Inputs -> (jobs, refs, category_ids, local_inputs).
 
-    Local inputs go through :func:`~dvis_trt.runtime.runner.discover_inputs` exactly as the
+    Local inputs go through :func:`~dvis_trt.runtime.inputs.discover_inputs` exactly as the
     local run does (same order, same ``video_id`` s), with absolute paths so workers on other
     nodes find the same files; URIs are expanded with pyarrow. Raises InputError as
     ``discover_inputs``."""
-    from .runner import discover_inputs
+    from .inputs import discover_inputs
 
     local = [str(Path(p).absolute()) if not is_uri(p) else p for p in inputs]
     yj = str(Path(ytvis_json).absolute()) if ytvis_json else None
@@ -295,7 +295,8 @@ class VideoWorker:
                                else str(exc), _exit_code_of(exc))
 
     def _load(self) -> None:
-        from .runner import Runner, discover_inputs
+        from .inputs import discover_inputs
+        from .runner import Runner
 
         bundle = self.spec["bundle"]
         root = materialize_bundle(bundle) if isinstance(bundle, dict) else Path(bundle)
@@ -314,7 +315,7 @@ class VideoWorker:
 
     # -- one video ---------------------------------------------------------------------------
     def _job(self, row: Dict[str, Any]):
-        from .runner import VideoJob
+        from .inputs import VideoJob
         from .video import open_source
 
         if row["uri"]:
@@ -365,7 +366,7 @@ class VideoWorker:
             os._exit(17)  # a worker process dying while it holds the video
 
     def _run_one(self, row: Dict[str, Any]) -> Dict[str, Any]:
-        from .results import _json_default
+        from dvis_trt.fileio import _json_default
 
         out = {k: None for k in _OUT_FIELDS}
         out.update(index=int(row["index"]), status="ok", message="", exit_code=0, results="",
@@ -692,8 +693,8 @@ def shard_key_of_args(args, bundle_root, category_ids) -> str:
 
 def run_from_args(args) -> int:
     """``dvis-trt run ... --ray``: the same checks and outputs as the local run."""
-    from .manifest import load_manifest
-    from .runner import check_outputs, load_class_names, overlay_paths
+    from .bundle import load_manifest
+    from .inputs import check_outputs, load_class_names, overlay_paths
     from .shards import open_journal, video_identity
 
     _import_ray()

@@ -1,4 +1,4 @@
-"""YouTube-VIS results and atomic file output.
+"""YouTube-VIS results: the one RLE encoder/decoder (pycocotools) and the results file.
 
 Results follow the official ``instances_to_coco_json_video`` + ``_eval_predictions``
 (``dvis_Plus/data_video/ytvis_eval.py``): one dict per (instance, class) prediction of a video,
@@ -15,145 +15,22 @@ Results follow the official ``instances_to_coco_json_video`` + ``_eval_predictio
   with ``counts`` decoded to a utf-8 ``str``; ``size`` is ``[H, W]``.
 - ``track_id`` is ours (the official output carries no track id; evaluators ignore extra keys).
 
-Every file the project writes goes through :func:`atomic_output`: the data goes to a temporary
-file in the destination folder, is fsynced, then renamed over the destination, so a crash or
-an error never leaves a half-written file under the real name.
+Files are written through :mod:`dvis_trt.fileio` (atomic: temp file + fsync + rename).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from dvis_trt.fileio import atomic_write_json
+
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic output
-# --------------------------------------------------------------------------------------------
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY
-    if not directory and os.name == "nt":  # Windows fsyncs only writable handles
-        flags = os.O_RDWR
-    if directory:
-        if os.name == "nt":  # directories cannot be fsynced on Windows
-            return
-        flags |= getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(str(path), flags)
-    except OSError:
-        if directory:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:  # some filesystems refuse to fsync directories: harmless
-            raise
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_output(path: PathLike, *, make_parents: bool = True) -> Iterator[Path]:
-    """Write ``path`` atomically: yields a temporary path for the writer to create.
-
-    The temporary file is ``<folder>/.<name>.dvis-trt-tmp-<pid>-<random><suffix>``
-    (:func:`dvis_trt.outputs.temp_path`: within the 255-byte name limit; same folder, so the
-    final rename is atomic; same suffix, so writers that pick a format by extension — PyAV,
-    ``np.save``, ``onnx.save`` — still do). When the block ends normally the file is fsynced and
-    renamed over ``path`` (``os.replace``) and the folder entry is fsynced. When the block
-    raises, the temporary file is deleted and the exception propagates; ``path`` is untouched
-    (an existing file keeps its old content).
-
-    Example::
-
-        with atomic_output("out/results.json") as tmp:
-            tmp.write_text(text)
-
-    Args:
-        path: the final file.
-        make_parents: create missing parent folders.
-
-    Raises:
-        FileNotFoundError: the block ended without creating the temporary file.
-        IsADirectoryError: ``path`` is an existing folder.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write '{path}': it is a folder")
-    parent = path.parent
-    if make_parents:
-        parent.mkdir(parents=True, exist_ok=True)
-    from dvis_trt.outputs import temp_path  # recognisable, within NAME_MAX, cleaned if orphaned
-    tmp = temp_path(path)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"nothing was written for '{path}' (temporary file "
-                                    f"'{tmp.name}' was never created)")
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-        _fsync_path(parent, directory=True)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-@contextlib.contextmanager
-def atomic_open(path: PathLike, mode: str = "w", *, encoding: Optional[str] = None,
-                make_parents: bool = True):
-    """``open()`` for writing, atomically (see :func:`atomic_output`). ``mode``: "w" or "wb"."""
-    if mode not in ("w", "wb", "wt", "x", "xb"):
-        raise ValueError(f"atomic_open writes new files only; mode {mode!r} is not supported")
-    if "b" not in mode and encoding is None:
-        encoding = "utf-8"
-    with atomic_output(path, make_parents=make_parents) as tmp:
-        with open(tmp, mode.replace("x", "w"), encoding=encoding) as f:
-            yield f
-            f.flush()
-
-
-def _json_default(obj: Any):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8")
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
-
-
-def atomic_write_json(path: PathLike, obj: Any, *, indent: Optional[int] = None) -> Path:
-    """Serialise ``obj`` to JSON (numpy scalars/arrays, bytes and paths allowed) atomically.
-
-    NaN/inf are rejected (they are not JSON). Returns ``Path(path)``.
-
-    Raises:
-        TypeError / ValueError: ``obj`` is not serialisable (no file is left behind).
-    """
-    # serialise first: an unserialisable object never creates a temporary file
-    text = json.dumps(obj, default=_json_default, indent=indent, allow_nan=False)
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        if indent is not None:
-            f.write("\n")
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import InputError
-from .results import _json_default, atomic_open, atomic_write_json
+from dvis_trt.errors import InputError
+from dvis_trt.fileio import _json_default, atomic_open, atomic_write_json
 
 __all__ = ["SHARDS_SUFFIX", "MARKER_NAME", "SHARD_FORMAT", "shard_folder", "bundle_digest",
            "run_key", "key_for_run", "video_identity", "Shard", "ShardStore", "RunJournal",

@@ -36,7 +36,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 
 import numpy as np
 
-from .errors import InputError
+from dvis_trt.errors import InputError
 
 DROP_POLICIES = ("drop-oldest", "drop-newest", "block")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp")
@@ -187,7 +187,7 @@ class LiveSource:
         self.fps: Optional[float] = None
 
     def _open(self):
-        from .video import _import_av
+        from .video.av_source import _import_av
 
         av = _import_av()
         kw: Dict[str, Any] = {"options": self.options}
@@ -338,7 +338,7 @@ class OverlaySink:
 
         from .overlay import render_overlay_frame, track_color
         from .results import decode_rle
-        from .video import _import_av
+        from .video.av_source import _import_av
 
         av = _import_av()
         if self._out is None:
@@ -408,8 +408,8 @@ def open_pipeline(bundle: PathLike, mode: str = "online", *, backend: Any = "aut
     offline or an online checkpoint); ``near-online`` the offline stages (refiner, mask_head).
     Raises InputError / BundleError / DependencyError with one line.
     """
-    from .errors import BundleError
-    from .manifest import ONLINE_STAGE_NAMES, STAGE_NAMES, load_manifest
+    from dvis_trt.errors import BundleError
+    from .bundle import ONLINE_STAGE_NAMES, STAGE_NAMES, load_manifest
     from .online import NearOnlinePipeline, OnlinePipeline
     from .runner import Runner
 

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .results import atomic_output
+from dvis_trt.fileio import atomic_output
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -3,7 +3,7 @@
 Three kinds of values reach the runtime from outside, and each is checked where it enters:
 
 * **the bundle manifest's config block** (:func:`check_config_values`, called by
-  ``BundleConfig.from_dict``): finite numbers, thresholds in [0, 1], positive ``pixel_std``,
+  ``InferenceConfig.from_dict``): finite numbers, thresholds in [0, 1], positive ``pixel_std``,
   sizes within what the stages can take (:data:`MAX_SIDE`), consistent counts;
 * **dataset json fields** (:func:`check_ytvis_video`): integer ids, non-empty lists of relative
   file names, ``length`` equal to the number of file names;
@@ -11,8 +11,8 @@ Three kinds of values reach the runtime from outside, and each is checked where 
   :func:`clamp_threads`): finite, in range, capped; a thread count above the machine's CPUs is
   clamped with a warning (more threads than cores only adds contention).
 
-A bad value raises :class:`~dvis_trt.runtime.errors.BundleError` (manifest) or
-:class:`~dvis_trt.runtime.errors.InputError` (everything else), or for argparse types an
+A bad value raises :class:`~dvis_trt.errors.BundleError` (manifest) or
+:class:`~dvis_trt.errors.InputError` (everything else), or for argparse types an
 ``ArgumentTypeError`` that the CLI prints as one line; never an internal error.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any, Callable, Mapping, Optional
 
-from .errors import BundleError, InputError
+from dvis_trt.errors import BundleError, InputError
 
 __all__ = ["MAX_SIDE", "MAX_QUERIES", "check_config_values", "check_ytvis_video", "number",
            "count", "clamp_threads", "available_cpus"]

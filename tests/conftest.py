@@ -1,7 +1,7 @@
 """Shared fixtures: the tiny test checkpoint, its ONNX bundle (built once per session), the eager
 oracle loaded from the same checkpoint, ONNX Runtime runners and the demo MP4.
 
-The checkpoint is the seeded random init of ``runtime/configs/tiny.yaml`` with
+The checkpoint is the seeded random init of ``export/configs/tiny.yaml`` with
 :func:`dvis_trt.export.testing.spread_weights_` applied (class logits sharpened: class weights
 x5 and a +8 "no object" bias, so foreground scores straddle the selection thresholds), seed
 :data:`TINY_SEED`. On the demo scene (:func:`demo_mp4`) it makes the tracker birth tracks in
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "runtime" / "configs" / "tiny.yaml"
+TINY_CONFIG = ROOT / "export" / "configs" / "tiny.yaml"
 #: seed of the tiny test weights (see the module docstring for why this one)
 TINY_SEED = 6
 #: the demo scene the parity tests run: frames, (H, W) odd on purpose, scene seed
@@ -31,7 +31,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
     from dvis_trt.export.checkpoint import write_random_checkpoint
     from dvis_trt.export.testing import build_test_model
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.config import load_config
 
     cfg = load_config(TINY_CONFIG)
     path = tmp_path_factory.mktemp("ckpt") / "tiny_spread.pth"
@@ -56,7 +56,7 @@ def tiny_eager(tiny_checkpoint):
     pytest.importorskip("torch")
     from dvis_trt.export.checkpoint import load_checkpoint
     from dvis_trt.export.model.build import build_model
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.config import load_config
 
     model = build_model(load_config(TINY_CONFIG))
     load_checkpoint(model, tiny_checkpoint, strict=True)

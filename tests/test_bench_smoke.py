@@ -16,9 +16,9 @@ onnx = pytest.importorskip("onnx")
 
 from dvis_trt.benchmarks import harness  # noqa: E402
 from dvis_trt.benchmarks.flops import count_graph_flops  # noqa: E402
-from dvis_trt.runtime.config import load_config  # noqa: E402
+from dvis_trt.export.config import load_config  # noqa: E402
 
-PKG_CONFIGS = Path(__file__).resolve().parents[1] / "runtime" / "configs"
+PKG_CONFIGS = Path(__file__).resolve().parents[1] / "export" / "configs"
 TINY = PKG_CONFIGS / "tiny.yaml"
 
 

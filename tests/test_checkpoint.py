@@ -18,7 +18,7 @@ from dvis_trt.export.checkpoint import (
     official_empty_weight,
     write_random_checkpoint,
 )
-from dvis_trt.runtime.errors import CheckpointError, InputError
+from dvis_trt.errors import CheckpointError, InputError
 
 REF = Path(os.environ.get("DVIS_TRT_REFERENCE", "/work/shared/reference"))
 R50_KEYS = REF / "dvis_daq_offline_r50_ovis.keys.tsv"

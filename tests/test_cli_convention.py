@@ -10,7 +10,7 @@ import pytest
 
 from dvis_trt.runtime import cli
 from dvis_trt.runtime.cli_args import kind_of
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 
 
 def _sub_parsers():

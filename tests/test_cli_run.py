@@ -11,7 +11,7 @@ import pytest
 from dvis_trt.runtime.cli import main
 from dvis_trt.runtime.pipeline import FILL_ID_BASE
 from dvis_trt.runtime.results import decode_rle
-from dvis_trt.runtime.runner import discover_inputs
+from dvis_trt.runtime.inputs import discover_inputs
 
 torch = pytest.importorskip("torch")
 

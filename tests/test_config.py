@@ -1,4 +1,4 @@
-"""Config resolution vs the official code's resolved configs (dvis_trt.runtime.config)."""
+"""Config resolution vs the official code's resolved configs (dvis_trt.export.config)."""
 from __future__ import annotations
 
 import ast
@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvis_trt.runtime.config import (
+from dvis_trt.export.config import (
     Config,
     default_config,
     inference_values,
     load_config,
 )
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 
 REF = Path(os.environ.get("DVIS_TRT_REFERENCE", "/work/shared/reference"))
 OFFICIAL = Path(os.environ.get("DVIS_TRT_OFFICIAL_SRC", "/work/ref/DVIS_DAQ"))
@@ -387,7 +387,7 @@ def test_config_is_read_only_and_round_trips(tmp_path):
 def test_runtime_config_imports_without_torch(tmp_path):
     f = _write(tmp_path / "x.yaml", "INPUT:\n  MIN_SIZE_TEST: 480\n")
     code = ("import sys\n"
-            "from dvis_trt.runtime.config import load_config, inference_values\n"
+            "from dvis_trt.export.config import load_config, inference_values\n"
             f"inference_values(load_config({str(f)!r}))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -109,7 +109,7 @@ def test_refiner_receives_the_same_queries_as_eager(tiny_runner, tiny_eager, dem
                                                    demo_mp4):
     """The top-``OFFLINE_TOPK_NUM`` tracks (ids and rank) and the fill count the refiner gets."""
     from dvis_trt.runtime.preprocess import preprocess_frames
-    from dvis_trt.runtime.runner import discover_inputs
+    from dvis_trt.runtime.inputs import discover_inputs
 
     s = tiny_eager.settings
     images, _ = preprocess_frames(demo_frames, s.min_size_test, s.max_size_test, s.pixel_mean,

@@ -1,4 +1,4 @@
-"""End to end with the ViT-Adapter backbone (``runtime/configs/tiny_vit.yaml``): ``dvis-trt run``
+"""End to end with the ViT-Adapter backbone (``export/configs/tiny_vit.yaml``): ``dvis-trt run``
 on ONNX Runtime against the eager model on the demo MP4, and the exported segmenter at a
 landscape and a portrait size, in the ``onnx`` MSDA mode (default suite) and the ``plugin`` mode
 through the CPU twin (slow).
@@ -24,7 +24,7 @@ from test_e2e_parity import assert_results_match_eager
 
 torch = pytest.importorskip("torch")
 
-TINY_VIT = Path(__file__).resolve().parents[1] / "runtime" / "configs" / "tiny_vit.yaml"
+TINY_VIT = Path(__file__).resolve().parents[1] / "export" / "configs" / "tiny_vit.yaml"
 #: seed of the reduced ViT test weights (see the module docstring)
 VIT_SEED = 4
 RTOL, ATOL = 1e-4, 1e-5  # per-stage graph parity, as tests/test_export.py
@@ -34,7 +34,7 @@ RTOL, ATOL = 1e-4, 1e-5  # per-stage graph parity, as tests/test_export.py
 def vit_checkpoint(tmp_path_factory):
     from dvis_trt.export.checkpoint import write_random_checkpoint
     from dvis_trt.export.testing import build_test_model
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.config import load_config
 
     cfg = load_config(TINY_VIT)
     path = tmp_path_factory.mktemp("vitckpt") / "tiny_vit.pth"
@@ -46,7 +46,7 @@ def vit_checkpoint(tmp_path_factory):
 def vit_eager(vit_checkpoint):
     from dvis_trt.export.checkpoint import load_checkpoint
     from dvis_trt.export.model.build import build_model
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.config import load_config
 
     model = build_model(load_config(TINY_VIT))
     load_checkpoint(model, vit_checkpoint, strict=True)
@@ -120,7 +120,7 @@ def test_run_cli_on_ort_matches_eager_with_the_vit_backbone(vit_bundle, demo_mp4
 def _segmenter_parity(bundle, model, sizes):
     from dvis_trt.export.stages import build_stages, run_stage_eager
     from dvis_trt.runtime.backends.ort_backend import OrtBackend
-    from dvis_trt.runtime.manifest import load_manifest
+    from dvis_trt.runtime.bundle import load_manifest
 
     backend = OrtBackend("cpu", threads=2)
     backend.load_stage("segmenter", load_manifest(bundle))

@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from dvis_trt.engine import manifest as EM
+from dvis_trt.runtime.bundle import engines as EM
 from dvis_trt.engine.profiles import BuildLimits, derive_profiles
-from dvis_trt.runtime import manifest as M
-from dvis_trt.runtime.errors import BundleError
+from dvis_trt.runtime import bundle as M
+from dvis_trt.errors import BundleError
+from dvis_trt.fileio import sha256_file
 
 CONFIG = {"num_classes": 3, "num_queries": 4, "hidden_dim": 8, "mask_dim": 8,
           "num_new_ins": 4, "num_slots": 2, "pixel_mean": [0.0, 0.0, 0.0],
@@ -29,7 +30,7 @@ def make_bundle(tmp_path, msda="plugin", precision="fp16"):
     for name, (ins, outs) in specs.items():
         (tmp_path / f"{name}.onnx").write_bytes(name.encode())
         stages[name] = M.StageSpec(name, f"{name}.onnx", "0" * 64, ins, outs)
-    m = M.BundleManifest(config=M.BundleConfig.from_dict(CONFIG), stages=stages, msda=msda,
+    m = M.BundleManifest(config=M.InferenceConfig.from_dict(CONFIG), stages=stages, msda=msda,
                          precision=precision)
     return M.write_manifest(tmp_path, m)
 
@@ -42,7 +43,7 @@ def make_engines(bundle, machine=H200, plugin_sha="a" * 64, write=True):
     for name, spec in bundle.stages.items():
         (edir / f"{name}.engine").write_bytes(b"plan " + name.encode())
         stages[name] = EM.StageEngine(f"{name}.engine",
-                                      M.sha256_file(edir / f"{name}.engine"), spec.sha256,
+                                      sha256_file(edir / f"{name}.engine"), spec.sha256,
                                       tuple(profiles[name]))
     em = EM.EngineManifest(machine.trt_version, machine.gpu_name, machine.compute_capability,
                            bundle.precision, bundle.msda, stages,

@@ -6,8 +6,9 @@ import itertools
 import pytest
 
 from dvis_trt.engine import profiles as P
-from dvis_trt.runtime import manifest as M
-from dvis_trt.runtime.errors import BundleError, InputError
+from dvis_trt.runtime import bundle as M
+from dvis_trt.runtime.bundle import profiles as RP
+from dvis_trt.errors import BundleError, InputError
 
 CONFIG = {"num_classes": 25, "num_queries": 100, "hidden_dim": 256, "mask_dim": 256,
           "num_new_ins": 100, "num_slots": 5, "pixel_mean": [0.0, 0.0, 0.0],
@@ -19,7 +20,7 @@ CONFIG = {"num_classes": 25, "num_queries": 100, "hidden_dim": 256, "mask_dim": 
 
 
 def make_manifest(**config_overrides):
-    cfg = M.BundleConfig.from_dict({**CONFIG, **config_overrides})
+    cfg = M.InferenceConfig.from_dict({**CONFIG, **config_overrides})
     d = cfg.dims
     specs = M.stage_specs(d["Q"], d["C"], d["K"], d["N"], d["S"], d["D"])
     stages = {n: M.StageSpec(n, f"{n}.onnx", "0" * 64, i, o) for n, (i, o) in specs.items()}
@@ -126,14 +127,14 @@ def test_user_limits_and_range_mode():
                                                          (2, 7, 256))
     # opt_tracks above max_tracks is clamped
     p2 = P.derive_profiles(m, P.BuildLimits(max_tracks=4, opt_tracks=10))
-    assert p2["tracker_step"][0].dims["tQ"] == P.DimRange(1, 4, 4)
+    assert p2["tracker_step"][0].dims["tQ"] == RP.DimRange(1, 4, 4)
 
 
 def test_refiner_qr_range_when_topk_exceeds_new_ins():
     # Qr = max(N, min(topk, #tracks)) in the official code
     m = make_manifest(offline_topk_num=150)
     ref = P.derive_profiles(m, P.BuildLimits())["refiner"][0]
-    assert ref.dims["Qr"] == P.DimRange(100, 100, 150)
+    assert ref.dims["Qr"] == RP.DimRange(100, 100, 150)
 
 
 def test_single_resolution_has_no_covering_profile():
@@ -163,19 +164,19 @@ def test_unknown_dynamic_dim_refused():
 def test_select_profile_prefers_exact_bucket():
     m = make_manifest()
     seg = P.derive_profiles(m, P.BuildLimits())["segmenter"]
-    assert P.select_profile(seg, {"images": (5, 3, 480, 864)}) == 0
-    assert P.select_profile(seg, {"images": (2, 3, 864, 480)}) == 1
-    assert P.select_profile(seg, {"images": (5, 3, 480, 640)}) == 2   # 4:3 -> covering
-    assert P.select_profile(seg, {"images": (6, 3, 480, 864)}) == -1  # T > window
-    assert P.select_profile(seg, {"images": (1, 3, 480, 1344)}) == -1
-    assert "T in [1, 5]" in P.describe_limits(seg)
+    assert RP.select_profile(seg, {"images": (5, 3, 480, 864)}) == 0
+    assert RP.select_profile(seg, {"images": (2, 3, 864, 480)}) == 1
+    assert RP.select_profile(seg, {"images": (5, 3, 480, 640)}) == 2   # 4:3 -> covering
+    assert RP.select_profile(seg, {"images": (6, 3, 480, 864)}) == -1  # T > window
+    assert RP.select_profile(seg, {"images": (1, 3, 480, 1344)}) == -1
+    assert "T in [1, 5]" in RP.describe_limits(seg)
 
 
 def test_profile_dict_roundtrip():
     m = make_manifest()
     for plist in P.derive_profiles(m, P.BuildLimits()).values():
         for p in plist:
-            assert P.Profile.from_dict(p.to_dict()) == p
+            assert RP.Profile.from_dict(p.to_dict()) == p
 
 
 def test_divisibility_must_allow_stride_4():

@@ -1,6 +1,6 @@
 """Per-stage ONNX export (``export/onnx_export.py``, ``export/stages.py``, the export / check CLIs).
 
-A reduced config (``runtime/configs/tiny.yaml``: every code path of the R50 OVIS model with tiny
+A reduced config (``export/configs/tiny.yaml``: every code path of the R50 OVIS model with tiny
 widths) is exported once through ``dvis-trt export`` with a seeded random checkpoint; then every
 stage runs in ONNX Runtime and in eager PyTorch on the same realistic inputs (chained through
 the eager stages from random images) at two resolutions and two window lengths, with
@@ -37,13 +37,13 @@ from dvis_trt.export.onnx_export import (EXPORTER, FORBIDDEN_OPS, ExportError, c
 from dvis_trt.export.sample_inputs import SampleDims, sample_stage_inputs, tracker_step_inputs
 from dvis_trt.export.stages import build_stages, eager_runner, run_stage_eager
 from dvis_trt.runtime.backends.ort_backend import OrtBackend
-from dvis_trt.runtime.config import load_config
-from dvis_trt.runtime.errors import InputError
-from dvis_trt.runtime.manifest import EXPORT_STAGE_NAMES, load_manifest, stage_specs
+from dvis_trt.export.config import load_config
+from dvis_trt.errors import InputError
+from dvis_trt.runtime.bundle import EXPORT_STAGE_NAMES, load_manifest, stage_specs
 
 STAGE_NAMES = EXPORT_STAGE_NAMES  # offline stages + the online mode's tracker_masks
 
-TINY = Path(__file__).resolve().parents[1] / "runtime" / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "export" / "configs" / "tiny.yaml"
 RTOL, ATOL = 1e-4, 1e-5
 
 
@@ -255,7 +255,7 @@ def _graph(op: str, in_type=onnx.TensorProto.FLOAT) -> onnx.ModelProto:
 
 
 def test_check_graph_rejects_what_tensorrt_cannot_take():
-    from dvis_trt.runtime.manifest import TensorSpec
+    from dvis_trt.runtime.bundle import TensorSpec
     ins, outs = (TensorSpec("x", "float32", ("n",)),), (TensorSpec("y", "float32", ("n",)),)
     check_graph(_graph("Cast"), "s", ins, outs, "onnx")
     with pytest.raises(ExportError, match="NonZero"):
@@ -343,7 +343,7 @@ def test_check_command_prints_table_and_passes(exported, tmp_path, capsys):
 def test_check_flags_a_wrong_graph(exported, tmp_path):
     """The check can fail: a bundle whose refiner graph comes from other weights."""
     import shutil
-    from dvis_trt.runtime.manifest import write_manifest
+    from dvis_trt.runtime.bundle import write_manifest
 
     bad = tmp_path / "bad"
     shutil.copytree(exported["manifest"].root, bad)

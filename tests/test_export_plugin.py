@@ -19,11 +19,11 @@ from dvis_trt.export.model.build import build_model
 from dvis_trt.export.onnx_export import check_graph, export_bundle
 from dvis_trt.export.stages import build_stages, run_stage_eager
 from dvis_trt.runtime.backends.ort_backend import OrtBackend
-from dvis_trt.runtime.config import load_config
-from dvis_trt.runtime.errors import BundleError, DependencyError
-from dvis_trt.runtime.manifest import STAGE_NAMES, load_manifest
+from dvis_trt.export.config import load_config
+from dvis_trt.errors import BundleError, DependencyError
+from dvis_trt.runtime.bundle import STAGE_NAMES, load_manifest
 
-TINY = Path(__file__).resolve().parents[1] / "runtime" / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "export" / "configs" / "tiny.yaml"
 RTOL, ATOL = 1e-4, 1e-5
 
 

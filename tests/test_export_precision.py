@@ -9,11 +9,11 @@ ort = pytest.importorskip("onnxruntime")
 
 def test_fp16_refiner_graph_keeps_sensitive_ops_fp32_and_stays_close(tiny_eager, tmp_path):
     from dvis_trt.export.onnx_export import export_bundle
-    from dvis_trt.runtime.config import load_config
-    from dvis_trt.runtime.manifest import load_manifest
+    from dvis_trt.export.config import load_config
+    from dvis_trt.runtime.bundle import load_manifest
 
     from pathlib import Path
-    cfg = load_config(Path(__file__).resolve().parents[1] / "runtime" / "configs" / "tiny.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "export" / "configs" / "tiny.yaml")
     export_bundle(tiny_eager, cfg, tmp_path / "b16", precision="fp16",
                   stages=("refiner", "mask_head"))
     manifest = load_manifest(tmp_path / "b16", require_stages=("refiner", "mask_head"))

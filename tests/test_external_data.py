@@ -21,11 +21,11 @@ from dvis_trt.export import onnx_export  # noqa: E402
 from dvis_trt.export.model.build import build_model  # noqa: E402
 from dvis_trt.export.stages import build_stages, run_stage_eager  # noqa: E402
 from dvis_trt.runtime.backends.ort_backend import OrtBackend  # noqa: E402
-from dvis_trt.runtime.config import load_config  # noqa: E402
-from dvis_trt.runtime.errors import BundleError  # noqa: E402
-from dvis_trt.runtime.manifest import load_manifest  # noqa: E402
+from dvis_trt.export.config import load_config  # noqa: E402
+from dvis_trt.errors import BundleError  # noqa: E402
+from dvis_trt.runtime.bundle import load_manifest  # noqa: E402
 
-TINY = Path(__file__).resolve().parents[1] / "runtime" / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "export" / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from dvis_trt.runtime import runner as runner_mod
-from dvis_trt.runtime.runner import discover_inputs, run_videos
+from dvis_trt.runtime.inputs import discover_inputs
+from dvis_trt.runtime.runner import run_videos
 
 
 def _frames(folder, n=3, seed=0):

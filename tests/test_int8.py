@@ -91,7 +91,7 @@ def int8_bundle(tiny_bundle, demo_mp4, tmp_path_factory):
 
 
 def test_select_nodes_keeps_sensitive_parts_fp32(tiny_bundle):
-    from dvis_trt.engine.precision import ensure_node_names
+    from dvis_trt.export.precision import ensure_node_names
     from dvis_trt.export.quantize import select_nodes
 
     model = onnx.load(str(tiny_bundle / "segmenter.onnx"))
@@ -160,7 +160,7 @@ def test_check_against_fails_on_a_broken_quantization(int8_bundle, tiny_bundle, 
                     force=("class_embed",))
     assert corrupt_scale(broken / "segmenter.onnx", "class_embed", factor=8.0) == 1
     # re-hash the edited stage (a hand-edited bundle fails the manifest's sha256 check)
-    from dvis_trt.runtime.manifest import load_manifest, write_manifest
+    from dvis_trt.runtime.bundle import load_manifest, write_manifest
     write_manifest(broken, load_manifest(broken, verify=False), hash_files=True)
     rc = main(["check", str(broken), "--against", str(tiny_bundle), str(demo_mp4.path),
                "--threads", "2", "--report", str(tmp_path / "r.json")])

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dvis_trt.runtime.cli import main
-from dvis_trt.runtime.runner import discover_inputs
+from dvis_trt.runtime.inputs import discover_inputs
 from dvis_trt.runtime.synthetic import make_broken_videos
 from dvis_trt.runtime.video import open_source
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from dvis_trt.runtime import manifest as M
-from dvis_trt.runtime.errors import BundleError
+from dvis_trt.runtime import bundle as M
+from dvis_trt.errors import BundleError
 
 # DESIGN.md's stage table written out for the R50 OVIS numbers (Q=100, C=D=256, K=25, N=100,
 # S=5) — independent of the STAGE_SPECS template.
@@ -222,7 +222,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(M.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     changed = M.manifest_from_dict(dict(first.to_dict(), precision="fp32"))
     with pytest.raises(OSError):
         M.write_manifest(tmp_path, changed)

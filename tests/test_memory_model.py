@@ -44,7 +44,7 @@ def test_select_before_densify_matches_densify_then_select(seed, topk):
 
 
 @dataclasses.dataclass
-class _Cfg:  # the BundleConfig fields the model reads (R50 OVIS values)
+class _Cfg:  # the InferenceConfig fields the model reads (R50 OVIS values)
     hidden_dim: int = 256
     num_queries: int = 100
     num_new_ins: int = 100

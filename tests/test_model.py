@@ -11,11 +11,11 @@ import torch
 from dvis_trt.export.checkpoint import load_checkpoint
 from dvis_trt.export.model.build import build_model
 from dvis_trt.export.testing import build_test_model
-from dvis_trt.runtime.config import load_config
-from dvis_trt.runtime.errors import CheckpointError, InputError
+from dvis_trt.export.config import load_config
+from dvis_trt.errors import CheckpointError, InputError
 from dvis_trt.runtime.synthetic import render_scene
 
-PKG_CONFIGS = Path(__file__).resolve().parents[1] / "runtime" / "configs"
+PKG_CONFIGS = Path(__file__).resolve().parents[1] / "export" / "configs"
 REF = Path(os.environ.get("DVIS_TRT_REFERENCE",
                           Path(__file__).resolve().parents[2] / "shared" / "reference"))
 if not REF.is_dir():

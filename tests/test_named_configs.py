@@ -10,8 +10,8 @@ import pytest
 
 from dvis_trt.export.named_configs import (NAMED_CONFIGS, describe_all, load_named_config,
                                            resolve_config)
-from dvis_trt.runtime.config import inference_values, load_config
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.export.config import inference_values, load_config
+from dvis_trt.errors import InputError
 
 REF = Path(os.environ.get("DVIS_TRT_REFERENCE", "/work/shared/reference"))
 OFFICIAL_ROOT = REF  # official files live under REF/configs/... (paths as in the repository)

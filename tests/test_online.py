@@ -194,8 +194,8 @@ def test_tracker_masks_on_tensorrt_reads_the_clip_store_and_has_a_profile():
     features from the clip store (no copy, no host round trip) and gets an optimization
     profile over the stored-track count ``tM`` from the engine builder."""
     from dvis_trt.engine.profiles import BuildLimits, derive_profiles
-    from dvis_trt.runtime import manifest as M
-    from dvis_trt.runtime.backends import trt_backend as TB
+    from dvis_trt.runtime import bundle as M
+    from dvis_trt.runtime.backends import trt as TB
 
     specs = {n: M.StageSpec(n, f"{n}.onnx", "0" * 64, i, o)
              for n, (i, o) in M.stage_specs(Q=4, C=8, K=2, N=4, S=2).items()
@@ -207,7 +207,7 @@ def test_tracker_masks_on_tensorrt_reads_the_clip_store_and_has_a_profile():
     assert plan.views[("tracker_masks", "mask_features")] == "mask_features"
     assert ("tracker_masks", "pred_masks") in TB.HOST_FETCHED
     assert ("tracker_masks", "embeds") in TB.HOST_FED
-    cfg = M.BundleConfig.from_dict({
+    cfg = M.InferenceConfig.from_dict({
         "source": None, "num_classes": 2, "num_queries": 4, "hidden_dim": 8, "mask_dim": 8,
         "num_new_ins": 4, "num_slots": 2, "pixel_mean": [0, 0, 0], "pixel_std": [1, 1, 1],
         "min_size_test": 64, "max_size_test": 128, "size_divisibility": 32,
@@ -229,14 +229,14 @@ def test_packaged_online_config_is_the_official_one_and_its_keys_are_official():
     from pathlib import Path
 
     from dvis_trt.export.model.build import build_online_model
-    from dvis_trt.runtime.config import inference_values, load_config
+    from dvis_trt.export.config import inference_values, load_config
 
     import os
 
     ref = Path(os.environ.get("DVIS_TRT_REFERENCE", "/work/shared/reference"))
     if not ref.is_dir():
         pytest.skip("reference data (DVIS_TRT_REFERENCE) not present")
-    packaged = load_config(Path(__file__).parents[1] / "runtime" / "configs" /
+    packaged = load_config(Path(__file__).parents[1] / "export" / "configs" /
                            "dvis_daq_online_r50_ovis.yaml")
     assert packaged.MODEL.META_ARCHITECTURE == "DVIS_DAQ_online"
     if (ref / "configs").is_dir():

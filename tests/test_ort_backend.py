@@ -20,11 +20,11 @@ from dvis_trt.export.onnx_export import export_bundle
 from dvis_trt.export.sample_inputs import SampleDims
 from dvis_trt.runtime.backends.ort_backend import OrtBackend, resolve_providers
 from dvis_trt.runtime.backends.torch_backend import TorchBackend
-from dvis_trt.runtime.config import load_config
-from dvis_trt.runtime.errors import BundleError, DependencyError, InputError
-from dvis_trt.runtime.manifest import load_manifest, write_manifest
+from dvis_trt.export.config import load_config
+from dvis_trt.errors import BundleError, DependencyError, InputError
+from dvis_trt.runtime.bundle import load_manifest, write_manifest
 
-TINY = Path(__file__).resolve().parents[1] / "runtime" / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "export" / "configs" / "tiny.yaml"
 STAGES = ["tracker_first", "tracker_step", "refiner", "mask_head"]
 C, K1, N = 32, 26, 20   # tiny config: hidden 32, 25 classes + 1, 20 new-instance queries
 
@@ -173,7 +173,7 @@ def test_ort_backend_runs_without_torch(bundle):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from dvis_trt.runtime.manifest import load_manifest\n"
+        "from dvis_trt.runtime.bundle import load_manifest\n"
         "from dvis_trt.runtime.backends.ort_backend import OrtBackend\n"
         f"m = load_manifest({str(man.root)!r}, require_stages=None)\n"
         "b = OrtBackend('cpu'); b.load_stage('mask_head', m)\n"

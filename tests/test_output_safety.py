@@ -132,7 +132,7 @@ def _tiny_export(model_and_cfg, out, **kw):
 
 @pytest.fixture(scope="module")
 def model_and_cfg(tiny_eager):
-    from dvis_trt.runtime.config import load_config
+    from dvis_trt.export.config import load_config
     from tests.conftest import TINY_CONFIG
     return tiny_eager, load_config(TINY_CONFIG)
 
@@ -183,7 +183,7 @@ def test_reexport_keeps_user_files_and_deletes_only_ours(model_and_cfg, tmp_path
     assert (out / "notes.txt").read_text() == "my notes"
     assert (out / "model_final.pth").read_bytes() == b"weights"
     assert (out / "old_stage.onnx").exists()
-    from dvis_trt.runtime.manifest import load_manifest
+    from dvis_trt.runtime.bundle import load_manifest
     assert load_manifest(out, require_stages=["mask_head"]).producer["opset"] == 18
     assert [p.name for p in tmp_path.iterdir()] == ["b"]          # no temporaries left
     # an entry of ours that the new export no longer writes goes; a clash with a user's file

@@ -24,7 +24,7 @@ import pytest
 
 import dvis_trt.plugins as plugins
 from dvis_trt.plugins import build, find_library, library_filename
-from dvis_trt.runtime.errors import DependencyError, InputError
+from dvis_trt.errors import DependencyError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_DIR = REPO / "build" / "plugins"
@@ -136,7 +136,7 @@ def test_register_trt_plugin_uses_load_library_once(built, monkeypatch, tmp_path
     fake = types.ModuleType("tensorrt")
     fake.get_plugin_registry = lambda: reg
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(plugins, "_trt_handles", {})
+    monkeypatch.setattr(plugins.trt_register, "_trt_handles", {})
     assert plugins.register_trt_plugin(lib) == lib.resolve()
     assert plugins.register_trt_plugin(lib) == lib.resolve()  # second call: nothing more
     assert calls == [("get_creator", "DvisMSDeformAttn", "1", ""), ("load_library", str(lib.resolve()))]
@@ -170,7 +170,7 @@ def test_find_library_search_order(built, tmp_path, monkeypatch):
     assert find_library("cpu") == d2 / library_filename("cpu")
     assert plugins.search_dirs()[:2] == [d1, d2]
     # Not found anywhere: None, and require_library says what to do.
-    monkeypatch.setattr(plugins, "search_dirs", lambda: [d1])
+    monkeypatch.setattr(plugins.library, "search_dirs", lambda: [d1])
     assert find_library("trt") is None
     with pytest.raises(DependencyError, match="build-plugins"):
         plugins.require_library("trt")
@@ -179,7 +179,7 @@ def test_find_library_search_order(built, tmp_path, monkeypatch):
 def test_ensure_library_builds_cpu_twin_into_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DVIS_TRT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("DVIS_TRT_PLUGIN_DIR", raising=False)
-    monkeypatch.setattr(plugins, "repo_build_dir", lambda: None)  # as in an installed package
+    monkeypatch.setattr(plugins.library, "repo_build_dir", lambda: None)  # as in an installed package
     assert find_library("cpu") is None
     path = plugins.ensure_library("cpu")
     assert path.parent == plugins.cache_dir() and path.is_file()
@@ -201,7 +201,7 @@ def test_build_reports_missing_tools_and_bad_options(monkeypatch, tmp_path):
     with pytest.raises(InputError, match="--cuda"):
         build(tmp_path, cuda="maybe")
     real_which = shutil.which
-    monkeypatch.setattr(plugins.shutil, "which", lambda n, *a, **k: None if n == "cmake" else real_which(n))
+    monkeypatch.setattr(plugins.library.shutil, "which", lambda n, *a, **k: None if n == "cmake" else real_which(n))
     with pytest.raises(DependencyError, match="cmake"):
         build(tmp_path)
 

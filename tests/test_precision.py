@@ -13,8 +13,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from dvis_trt.engine import precision as P  # noqa: E402
-from dvis_trt.runtime.errors import InputError  # noqa: E402
+from dvis_trt.export import precision as P  # noqa: E402
+from dvis_trt.errors import InputError  # noqa: E402
 
 RNG = np.random.default_rng(0)
 

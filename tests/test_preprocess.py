@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 from dvis_trt.runtime.preprocess import preprocess_frames, resize_shortest_edge_shape
 
 

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from dvis_trt.runtime.errors import InputError
-from dvis_trt.runtime.manifest import load_manifest
+from dvis_trt.errors import InputError
+from dvis_trt.runtime.bundle import load_manifest
 from dvis_trt.runtime.provenance import file_sha256, recorded_checkpoint
 
 

@@ -158,9 +158,9 @@ def test_worker_retries_a_stage_error_once_then_fails_only_that_video():
     with the exit code the local CLI would give."""
     from types import SimpleNamespace
 
-    from dvis_trt.runtime.errors import InputError
+    from dvis_trt.errors import InputError
     from dvis_trt.runtime.ray_runner import VideoWorker
-    from dvis_trt.runtime.runner import VideoJob
+    from dvis_trt.runtime.inputs import VideoJob
 
     class FakeRunner:
         def __init__(self, errors):

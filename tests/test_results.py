@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from dvis_trt.runtime.results import (InstanceTrack, atomic_open, atomic_output, atomic_write_json,
-                                      category_id_for, decode_rle, encode_rle, write_results,
-                                      ytvis_results)
+from dvis_trt.fileio import atomic_open, atomic_output, atomic_write_json
+from dvis_trt.runtime.results import (InstanceTrack, category_id_for, decode_rle, encode_rle,
+                                      write_results, ytvis_results)
 
 
 def _official_rles(masks):

@@ -9,9 +9,10 @@ import os
 import pytest
 
 from dvis_trt.runtime import shards as shards_mod
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 from dvis_trt.runtime.results import write_results
-from dvis_trt.runtime.runner import discover_inputs, run_videos
+from dvis_trt.runtime.inputs import discover_inputs
+from dvis_trt.runtime.runner import run_videos
 from dvis_trt.runtime.shards import MARKER_NAME, ShardStore, shard_folder, video_identity
 
 

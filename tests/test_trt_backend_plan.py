@@ -1,4 +1,4 @@
-"""runtime/backends/trt_backend.py: the parts that need no GPU — buffer planning, profile
+"""runtime/backends/trt/: the parts that need no GPU — buffer planning, profile
 limits, CUDA-graph bookkeeping, device-tensor views, lazy imports."""
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from dvis_trt.engine.profiles import BuildLimits, DimRange, Profile, derive_profiles
-from dvis_trt.runtime import manifest as M
-from dvis_trt.runtime.backends import trt_backend as TB
-from dvis_trt.runtime.errors import DependencyError
+from dvis_trt.engine.profiles import BuildLimits, derive_profiles
+from dvis_trt.runtime.bundle.profiles import DimRange, Profile
+from dvis_trt.runtime import bundle as M
+from dvis_trt.runtime.backends import trt as TB
+from dvis_trt.errors import DependencyError
 
 # tiny dims: Q=4 frame queries, C=D=8, K=2 classes (3 logits), N=4 new-instance queries, S=2
 SPECS = {n: M.StageSpec(n, f"{n}.onnx", "0" * 64, i, o)
@@ -82,7 +83,7 @@ def test_plan_clip_frames_override_and_missing_limit():
 
 
 def test_profile_max_dims_from_derived_profiles():
-    cfg = M.BundleConfig.from_dict({
+    cfg = M.InferenceConfig.from_dict({
         "num_classes": 2, "num_queries": 4, "hidden_dim": 8, "mask_dim": 8, "num_new_ins": 4,
         "num_slots": 2, "pixel_mean": [0, 0, 0], "pixel_std": [1, 1, 1], "min_size_test": 64,
         "max_size_test": 128, "size_divisibility": 32, "inference_select_threshold": 0.1,
@@ -136,7 +137,7 @@ def test_device_tensor_views():
 
 def test_module_imports_without_gpu_packages():
     # a fresh interpreter: importing the backend must not import tensorrt or cuda
-    code = ("import sys; import dvis_trt.runtime.backends.trt_backend; "
+    code = ("import sys; import dvis_trt.runtime.backends.trt; "
             "import dvis_trt.engine.builder, dvis_trt.engine.cli_build; "
             "print(any(m == 'tensorrt' or m.startswith('cuda') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

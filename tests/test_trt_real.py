@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from dvis_trt.runtime import manifest as M  # noqa: E402
+from dvis_trt.runtime import bundle as M  # noqa: E402
 
 Q, C, K, N, S = 4, 8, 2, 4, 2  # C == D
 CONFIG = {"num_classes": K, "num_queries": Q, "hidden_dim": C, "mask_dim": C,
@@ -125,7 +125,7 @@ def tiny_bundle(folder, msda="plugin"):
         onnx.checker.check_model(model)
         onnx.save(model, str(folder / f"{name}.onnx"))
         stages[name] = M.StageSpec(name, f"{name}.onnx", "0" * 64, ins, outs)
-    m = M.BundleManifest(config=M.BundleConfig.from_dict(CONFIG), stages=stages, msda=msda,
+    m = M.BundleManifest(config=M.InferenceConfig.from_dict(CONFIG), stages=stages, msda=msda,
                          precision="fp32", producer={"dvis_trt": "test"})
     return M.write_manifest(folder, m)
 
@@ -203,8 +203,8 @@ def built(tmp_path_factory):
 @pytest.mark.trt
 @needs_trt
 def test_build_writes_engine_folder(built):
-    from dvis_trt.engine.builder import machine_info
-    from dvis_trt.engine.manifest import engine_dir_name, load_engine_manifest
+    from dvis_trt.runtime.backends.trt.loader import machine_info
+    from dvis_trt.runtime.bundle.engines import engine_dir_name, load_engine_manifest
     folder, edir = built
     em = load_engine_manifest(edir, verify=True)
     assert edir.name == engine_dir_name(machine_info(), "fp32")
@@ -216,7 +216,7 @@ def test_build_writes_engine_folder(built):
 @pytest.mark.trt
 @needs_trt
 def test_trt_backend_host_api_matches_ort(built):
-    from dvis_trt.runtime.backends.trt_backend import TrtBackend
+    from dvis_trt.runtime.backends.trt import TrtBackend
     folder, edir = built
     m = M.load_manifest(folder)
     rng = np.random.default_rng(1)
@@ -235,7 +235,7 @@ def test_trt_backend_host_api_matches_ort(built):
 @pytest.mark.trt
 @needs_trt
 def test_trt_backend_resident_flow(built):
-    from dvis_trt.runtime.backends.trt_backend import DeviceTensor, TrtBackend
+    from dvis_trt.runtime.backends.trt import DeviceTensor, TrtBackend
     folder, edir = built
     m = M.load_manifest(folder)
     rng = np.random.default_rng(2)
@@ -289,14 +289,14 @@ def test_trt_backend_resident_flow(built):
 @pytest.mark.trt
 @needs_trt
 def test_stale_engine_refused(built, monkeypatch):
-    from dvis_trt.engine import builder
-    from dvis_trt.engine.manifest import MachineInfo
-    from dvis_trt.runtime.backends.trt_backend import TrtBackend
-    from dvis_trt.runtime.errors import BundleError
+    from dvis_trt.runtime.backends.trt import loader
+    from dvis_trt.runtime.bundle.engines import MachineInfo
+    from dvis_trt.runtime.backends.trt import TrtBackend
+    from dvis_trt.errors import BundleError
     folder, edir = built
     m = M.load_manifest(folder)
-    real = builder.machine_info()
-    monkeypatch.setattr(builder, "machine_info",
+    real = loader.machine_info()
+    monkeypatch.setattr(loader, "machine_info",
                         lambda device=0: MachineInfo("0.0.1", real.gpu_name,
                                                      real.compute_capability))
     with TrtBackend(edir) as be:

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from dvis_trt.runtime.cli import main
-from dvis_trt.runtime.errors import BundleError, InputError
-from dvis_trt.runtime.manifest import load_manifest
+from dvis_trt.errors import BundleError, InputError
+from dvis_trt.runtime.bundle import load_manifest
 from dvis_trt.runtime.validate import available_cpus, clamp_threads
 from dvis_trt.runtime.video import load_ytvis_videos
 

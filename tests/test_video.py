@@ -1,4 +1,4 @@
-"""Video input (runtime/video.py) on real encoded files made by runtime/synthetic.py.
+"""Video input (runtime/video/) on real encoded files made by runtime/synthetic.py.
 
 References are computed independently of the reader: the RGB frames handed to the encoder,
 ``np.rot90`` of an unrotated decode, a BT.601 luma formula, solid-colour image files.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.errors import InputError
 from dvis_trt.runtime.synthetic import encode_frames, make_broken_videos, make_demo_video, render_scene
 from dvis_trt.runtime.video import (Frame, load_ytvis_videos, natural_sort_key, open_source,
                                     orientation_from_display_matrix, prefetch)

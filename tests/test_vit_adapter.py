@@ -28,11 +28,11 @@ import torch.nn.functional as F  # noqa: E402
 from dvis_trt.export.model.build import build_model  # noqa: E402
 from dvis_trt.export.model.vit_adapter import (  # noqa: E402
     D2VitAdapterDinoV2, VitAdapterSpec, official_pos_embed, resize_pos_embed)
-from dvis_trt.runtime.config import load_config  # noqa: E402
-from dvis_trt.runtime.errors import CheckpointError, InputError  # noqa: E402
+from dvis_trt.export.config import load_config  # noqa: E402
+from dvis_trt.errors import CheckpointError, InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PKG_CONFIGS = ROOT / "runtime" / "configs"
+PKG_CONFIGS = ROOT / "export" / "configs"
 TINY_VIT = PKG_CONFIGS / "tiny_vit.yaml"
 REF = Path(os.environ.get("DVIS_TRT_REFERENCE", "/work/shared/reference"))
 VITL_KEYS = REF / "dvis_daq_offline_vitl_ovis.keys.tsv"
@@ -274,11 +274,11 @@ def test_vitl_segmenter_profiles_landscape_and_portrait_multiples_of_32():
     adapter's per-level depth-wise conv needs even /16 grids); 200 queries, 200 new-instance
     queries and up to 400 live tracks in the tracker's profile."""
     from dvis_trt.engine import profiles as P
-    from dvis_trt.runtime import manifest as M
-    from dvis_trt.runtime.config import inference_values
+    from dvis_trt.runtime import bundle as M
+    from dvis_trt.export.config import inference_values
 
     values = inference_values(load_config(PKG_CONFIGS / "dvis_daq_offline_vitl_ovis.yaml"))
-    cfg = M.BundleConfig.from_dict(values)
+    cfg = M.InferenceConfig.from_dict(values)
     d = cfg.dims
     assert (d["Q"], d["N"]) == (200, 200) and cfg.size_divisibility == 32
     specs = M.stage_specs(d["Q"], d["C"], d["K"], d["N"], d["S"], d["D"])

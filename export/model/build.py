@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dvis_trt.runtime.config import inference_values
-from dvis_trt.runtime.errors import InputError
+from dvis_trt.export.config import inference_values
+from dvis_trt.errors import InputError
 
 from .backbone import build_resnet
 from .dvis_daq import DvisDaqOffline, InferenceSettings
@@ -53,7 +53,7 @@ def build_model(cfg: Any) -> DvisDaqOffline:
     """Build ``DvisDaqOffline`` (random init, eval mode) from a resolved config.
 
     Args:
-        cfg: a :class:`dvis_trt.runtime.config.Config` (``load_config(path)``).
+        cfg: a :class:`dvis_trt.export.config.Config` (``load_config(path)``).
     Returns:
         the model in eval mode; its ``state_dict()`` names and shapes equal the official
         model's for the same config.

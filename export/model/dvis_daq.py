@@ -41,7 +41,7 @@ MAXIMUM_CACHE = 10      # VideoInstanceSequence.maximum_chache
 
 @dataclass
 class InferenceSettings:
-    """Inference-time values of the config (see ``runtime.config.inference_values``)."""
+    """Inference-time values of the config (see ``export.config.inference_values``)."""
 
     num_classes: int
     num_new_ins: int = 100

@@ -56,17 +56,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvis_trt.plugins import identity
+
 MSDA_MODES = ("eager", "onnx", "plugin", "trt-builtin")
 
-#: ONNX domain of the custom node (both plugin modes); pass as ``custom_opsets`` to the exporter.
-PLUGIN_DOMAIN = "dvis_trt"
-#: op type / plugin version of our own plugin (``plugin`` mode).
-PLUGIN_OP = "DvisMSDeformAttn"
-PLUGIN_VERSION = "1"
-#: op type / plugin version of TensorRT's built-in plugin (``trt-builtin`` mode).
-TRT_BUILTIN_OP = "MultiscaleDeformableAttnPlugin_TRT"
-TRT_BUILTIN_VERSION = "2"
-PLUGIN_NAMESPACE = ""
+# The node's identity is the plugin's (dvis_trt.plugins.identity): ONNX domain of the custom node
+# (both plugin modes), op type / version of our plugin (``plugin`` mode) and of TensorRT's
+# built-in plugin (``trt-builtin`` mode).
+PLUGIN_DOMAIN = identity.ONNX_DOMAIN
+PLUGIN_OP = identity.ONNX_OP_TYPE
+PLUGIN_VERSION = identity.PLUGIN_VERSION
+TRT_BUILTIN_OP = identity.TRT_BUILTIN_PLUGIN
+TRT_BUILTIN_VERSION = identity.TRT_BUILTIN_VERSION
+PLUGIN_NAMESPACE = identity.PLUGIN_NAMESPACE
 #: ``custom_opsets`` argument for ``torch.onnx.export`` when a plugin mode is active.
 MSDA_CUSTOM_OPSETS = {PLUGIN_DOMAIN: 1}
 

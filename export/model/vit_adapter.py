@@ -566,7 +566,7 @@ def _grid_shape(x: Tensor, patch: int) -> Tensor:
 
 
 #: Non-official config keys (``DVIS_TRT.VIT_ADAPTER.*``) that shrink the ViT-Adapter for tests
-#: and the demo (``runtime/configs/tiny_vit.yaml``); official configs never set them.
+#: and the demo (``export/configs/tiny_vit.yaml``); official configs never set them.
 SPEC_OVERRIDE_KEYS = {"EMBED_DIM": "embed_dim", "DEPTH": "depth", "NUM_HEADS": "num_heads",
                       "MLP_RATIO": "mlp_ratio", "POS_GRID": "pos_grid",
                       "CONV_INPLANE": "conv_inplane", "DEFORM_NUM_HEADS": "deform_num_heads",
@@ -582,7 +582,7 @@ def vit_adapter_spec(cfg) -> VitAdapterSpec:
     for training. ``DVIS_TRT.VIT_ADAPTER.*`` (see :data:`SPEC_OVERRIDE_KEYS`) shrinks the
     model for tests. Raises InputError (one line) for another name or a bad override.
     """
-    from dvis_trt.runtime.errors import InputError
+    from dvis_trt.errors import InputError
 
     where = f" (config {cfg.source})" if getattr(cfg, "source", None) else ""
     name = cfg.get("MODEL.VIT_ADAPTER.NAME", "vitl")

@@ -2,7 +2,7 @@
 
 A backend runs the five stages of a bundle (``segmenter``, ``tracker_first``, ``tracker_step``,
 ``refiner``, ``mask_head``; tensor names, dtypes and symbolic shapes as in DESIGN.md's table and
-:data:`dvis_trt.runtime.manifest.STAGE_SPECS`). The pipeline talks to it in two ways:
+:data:`dvis_trt.runtime.bundle.STAGE_SPECS`). The pipeline talks to it in two ways:
 
 * **Host API** (every backend): :meth:`Backend.run` takes and returns ``numpy`` arrays keyed by
   the stage's tensor names. Simple, and what the ORT and torch backends do natively.
@@ -20,8 +20,8 @@ A backend runs the five stages of a bundle (``segmenter``, ``tracker_first``, ``
 Rules for implementers:
 
 * ``load_stage`` may be called again for a stage already loaded: it is a no-op.
-* ``run`` / ``run_resident`` raise :class:`~dvis_trt.runtime.errors.BundleError` for a stage
-  that was not loaded, and :class:`~dvis_trt.runtime.errors.InputError` (one line: stage,
+* ``run`` / ``run_resident`` raise :class:`~dvis_trt.errors.BundleError` for a stage
+  that was not loaded, and :class:`~dvis_trt.errors.InputError` (one line: stage,
   tensor, expected vs got) for a missing/unexpected input name, a wrong dtype or a wrong rank
   — :func:`check_inputs` does exactly that and backends should call it before running.
 * Outputs are returned for *every* output name of the stage, with the manifest's dtypes.
@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Collection, Iterable, Mapping
 
 import numpy as np
 
-from ..errors import BundleError, InputError
+from dvis_trt.errors import BundleError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from ..manifest import BundleManifest, StageSpec
+    from ..bundle import BundleManifest, StageSpec
 
 __all__ = ["Backend", "TensorLike", "check_inputs", "dtype_of"]
 
@@ -71,7 +71,7 @@ def dtype_of(name: str) -> np.dtype:
 def check_inputs(stage: "StageSpec", inputs: Mapping[str, TensorLike]) -> None:
     """Check names, dtypes and ranks of ``inputs`` against a stage's manifest I/O spec.
 
-    ``stage`` is a :class:`dvis_trt.runtime.manifest.StageSpec` (``.name``, ``.inputs`` with
+    ``stage`` is a :class:`dvis_trt.runtime.bundle.StageSpec` (``.name``, ``.inputs`` with
     ``.name`` / ``.dtype`` / ``.shape``). Fixed (integer) dims of the spec are checked too;
     symbolic dims are checked for consistency *within* the call (the same symbol must have one
     value across all inputs, e.g. ``T`` of ``images`` and nothing else, ``tQ`` shared by
@@ -134,12 +134,14 @@ class Backend:
     #: True when ``run_resident`` keeps outputs off the host (TensorRT). Pipelines may use it
     #: to decide whether to prefer the resident API; correctness never depends on it.
     device_resident: ClassVar[bool] = False
+    #: One line for logs, set by :func:`~dvis_trt.runtime.backends.registry.create_backend`.
+    description: str = ""
 
     # -- host API -------------------------------------------------------------------------
     def load_stage(self, stage_name: str, manifest: "BundleManifest") -> None:
         """Prepare ``stage_name`` of the bundle described by ``manifest`` for running.
 
-        ``manifest`` is a loaded, validated :class:`~dvis_trt.runtime.manifest.BundleManifest`
+        ``manifest`` is a loaded, validated :class:`~dvis_trt.runtime.bundle.BundleManifest`
         (``manifest.root`` is the bundle folder, ``manifest.stages[stage_name]`` the I/O spec,
         ``manifest.stage_path(stage_name)`` the ONNX file). Raises :class:`BundleError` when the
         stage is not in the bundle or its artefact (ONNX, engine, plugin) cannot be loaded.

@@ -17,7 +17,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import BundleError, DependencyError, InputError
+from dvis_trt.errors import BundleError, DependencyError, InputError
 from .base import Backend, check_inputs
 
 __all__ = ["OrtBackend", "PROVIDER_NAMES", "resolve_providers"]

@@ -7,12 +7,13 @@ eager reference mode) on numpy inputs and returns numpy outputs, so a pipeline w
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import BundleError, DependencyError, InputError
+from dvis_trt.errors import BundleError, DependencyError, InputError
 from .base import Backend, check_inputs
 
 __all__ = ["TorchBackend"]
@@ -41,6 +42,9 @@ class TorchBackend(Backend):
         device: torch device (``"cpu"`` default; ``"cuda"`` where available).
         threads: ``torch.set_num_threads`` value, if given.
         allow_unsafe_pickle: see :func:`dvis_trt.export.checkpoint.load_state_dict_file`.
+        autocast: ``"fp16"`` runs the stages under ``torch.autocast(float16)`` on CUDA (float16
+            outputs are returned as float32); ``None`` (default) runs them in fp32.
+        compile: wrap each stage module in ``torch.compile(dynamic=True)``.
     """
 
     name = "torch"
@@ -48,8 +52,14 @@ class TorchBackend(Backend):
     def __init__(self, model: Any = None, *, checkpoint: Optional[Union[str, os.PathLike]] = None,
                  config_file: Optional[Union[str, os.PathLike]] = None,
                  overrides: Optional[Sequence[str]] = None, device: str = "cpu",
-                 threads: Optional[int] = None, allow_unsafe_pickle: bool = False):
+                 threads: Optional[int] = None, allow_unsafe_pickle: bool = False,
+                 autocast: Optional[str] = None, compile: bool = False):
         torch = _torch()
+        if autocast not in (None, "fp16"):
+            raise InputError(f"autocast must be None or 'fp16', got {autocast!r}")
+        self._autocast = autocast
+        self._compile = bool(compile)
+        self.threads = None if threads is None else int(threads)
         self.device = torch.device(device)
         if threads is not None:
             torch.set_num_threads(int(threads))
@@ -95,7 +105,11 @@ class TorchBackend(Backend):
             raise BundleError(f"the eager model has {tuple(q)} queries x hidden, the bundle "
                               f"{dims['Q']} x {dims['C']}: model and bundle come from different "
                               "configs")
-        self._modules = build_stages(self._model)
+        modules = build_stages(self._model)
+        if self._compile:
+            torch = _torch()
+            modules = {k: torch.compile(v, dynamic=True) for k, v in modules.items()}
+        self._modules = modules
 
     def load_stage(self, stage_name: str, manifest) -> None:
         """Prepare ``stage_name`` (builds / loads the eager model on the first call)."""
@@ -120,14 +134,20 @@ class TorchBackend(Backend):
 
         names = [t.name for t in spec.inputs]
         args = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device) for n in names]
-        with torch.no_grad(), msda_mode("eager"):
+        amp = (torch.autocast("cuda", dtype=torch.float16) if self._autocast == "fp16"
+               else contextlib.nullcontext())
+        with amp, torch.no_grad(), msda_mode("eager"):
             try:
                 out = self._modules[stage_name](*args)
             except ValueError as exc:
                 raise InputError(f"stage '{stage_name}' (torch): {exc}") from exc
         if not isinstance(out, (tuple, list)):
             out = (out,)
-        return {t.name: o.detach().cpu().numpy() for t, o in zip(spec.outputs, out)}
+        result = {t.name: o.detach().cpu().numpy() for t, o in zip(spec.outputs, out)}
+        if self._autocast:
+            result = {k: (v.astype(np.float32) if v.dtype == np.float16 else v)
+                      for k, v in result.items()}
+        return result
 
     def close(self) -> None:
         self._specs.clear()

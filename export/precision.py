@@ -50,14 +50,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from dvis_trt.runtime.errors import DependencyError, InputError
+from dvis_trt.errors import DependencyError, InputError
+from dvis_trt.plugins import identity
 
 __all__ = ["KEEP_FP32_OP_TYPES", "MSDA_OP_TYPES", "PrecisionReport", "kept_fp32_nodes",
            "convert_precision", "convert_file", "topological_sort", "ensure_node_names",
            "available_converters"]
 
 #: MSDA custom ops (our plugin; TensorRT's built-in one) and their sampling-locations input.
-MSDA_OP_TYPES = {"DvisMSDeformAttn": 3, "MultiscaleDeformableAttnPlugin_TRT": 3}
+MSDA_OP_TYPES = {op: 3 for op in identity.MSDA_OP_TYPES}
 
 _REDUCE_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}

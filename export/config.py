@@ -42,7 +42,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from .errors import InputError
+from dvis_trt.errors import InputError
 
 __all__ = [
     "Config",

@@ -1,316 +1,28 @@
-"""TensorRT backend: prebuilt engines (``dvis-trt build``), tensors resident on the GPU between
-stages. No torch. ``tensorrt`` and ``cuda.bindings`` (NVIDIA's CUDA Python binding) are
-imported only inside :class:`TrtBackend`, so this module imports — and its buffer planning is
-tested — on machines without a GPU.
-
-Data flow (one CUDA stream, everything enqueued asynchronously)::
-
-    frames --pinned x2--> images --segmenter--> mask_features, frame_embeds: written straight
-                                                into the clip stores at the window's frame offset;
-                                                mask_pooled, pred_logits: window buffers
-    store mask_features[i] --D2D--> tracker_step inputs --CUDA graph per tQ--> outputs
-    store frame_embeds[0:L] --(zero copy)--> refiner
-    refiner mask_embed --row gather (D2D)--> mask_head <--(zero copy)-- mask_features[t0:t0+t]
-    to the host, via pinned buffers: segmenter pred_logits and frame_embeds (host scores,
-    Hungarian links), tracker outputs (track hub), refiner pred_logits, the final masks.
-
-* Buffers are allocated once per *shape bucket* = (stage, optimization profile) at the
-  profile's max shapes (:func:`plan_buffers`) and reused for every call in that bucket; the
-  clip stores are sized for the engine's ``max_frames``.
-* One ``IExecutionContext`` per (stage, profile); named tensors via ``set_input_shape`` /
-  ``set_tensor_address`` / ``execute_async_v3``.
-* ``tracker_step`` runs once per frame with ``tQ`` live tracks; after a warm-up call per
-  ``(profile, tQ)`` its enqueue is captured in a CUDA graph and replayed (:class:`GraphCache`);
-  its inputs live at fixed addresses (D2D copies from the stores: ~26 MB/frame at R50 sizes,
-  microseconds on a datacenter GPU), which is what makes the graph replayable.
-* Decoding, the H2D copy of the next window and the segmenter overlap: ``run_resident`` returns
-  as soon as the work is enqueued; the image staging buffers are double-buffered and guarded
-  by CUDA events, so the host fills window k+1 while window k is copied and segmented.
-
-Device-resident variants (beyond :class:`~dvis_trt.runtime.backends.base.Backend`):
-``begin_clip(num_frames, Hp, Wp)``, ``run_resident("segmenter", ..., frame_offset=f0)``,
-``clip_store(name, start, stop)`` -> :class:`DeviceTensor`, ``DeviceTensor.frame(i)`` /
-``.frames(a, b)`` views, ``gather_rows(src, rows, t0, t)`` for the mask head.
+"""The TensorRT backend's runner: execution contexts per (stage, profile), named tensors,
+``execute_async_v3`` on one stream, clip stores on the device, CUDA-graph replay of
+``tracker_step``. Loading lives in :mod:`.loader`, buffer planning in :mod:`.buffers`,
+CUDA helpers in :mod:`.cuda` (see :mod:`dvis_trt.runtime.backends.trt` for the data flow).
 """
 from __future__ import annotations
 
-import collections
-import ctypes
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import BundleError, DependencyError, InputError
-from ..manifest import BundleManifest, StageSpec, eval_dim, sha256_file, with_derived_dims
-from .base import Backend, check_inputs, dtype_of
+from dvis_trt.errors import BundleError, InputError
+from dvis_trt.runtime.bundle import BundleManifest, StageSpec, with_derived_dims
 
-__all__ = ["ALIGNMENT", "CLIP_STORES", "HOST_FETCHED", "HOST_FED", "GRAPH_STAGES",
-           "BufferPlan", "plan_buffers", "profile_max_dims",
-           "GraphCache", "DeviceTensor", "TrtBackend"]
+from ..base import Backend, check_inputs, dtype_of
+from . import loader
+from .buffers import (ALIGNMENT, CLIP_STORES, DOUBLE_BUFFERED, GRAPH_STAGES, HOST_FED,
+                      HOST_FETCHED, BufferPlan, GraphCache, _align, _itemsize, plan_buffers,
+                      profile_max_dims)
+from .cuda import DeviceTensor, _ck, _cudart, _handle, _Pinned, _trt
 
-ALIGNMENT = 256  # cudaMalloc alignment; every planned buffer is rounded up to it
-
-#: Clip-level device stores: name -> (producing stage, tensor). Leading axis = clip frame.
-CLIP_STORES = {"mask_features": ("segmenter", "mask_features"),
-               "frame_embeds": ("segmenter", "frame_embeds")}
-#: Stage inputs read from a clip store without a copy (the address is a store slice).
-STORE_VIEWS = {("refiner", "frame_embeds"): "frame_embeds",
-               ("mask_head", "mask_features"): "mask_features",
-               ("tracker_first", "mask_features"): "mask_features",
-               ("tracker_first", "frame_embeds"): "frame_embeds",
-               ("tracker_masks", "mask_features"): "mask_features"}
-#: Outputs the host logic needs every call (copied to pinned host memory asynchronously).
-HOST_FETCHED = {("segmenter", "pred_logits"), ("segmenter", "frame_embeds"),
-                ("tracker_first", "embeds"), ("tracker_first", "pred_logits"),
-                ("tracker_first", "track_pos"),
-                ("tracker_step", "embeds"), ("tracker_step", "pred_logits"),
-                ("tracker_step", "slot_logits"), ("tracker_step", "track_pos_out"),
-                ("refiner", "pred_logits"), ("mask_head", "pred_masks"),
-                ("tracker_masks", "pred_masks")}
-#: Inputs that come from the host (staged through pinned memory). ``images`` is double-buffered.
-HOST_FED = {("segmenter", "images"), ("tracker_step", "track_queries"),
-            ("tracker_step", "track_pos"), ("tracker_step", "slot_index"),
-            ("refiner", "instance_embeds"), ("tracker_masks", "embeds")}
-DOUBLE_BUFFERED = {("segmenter", "images")}
-#: Stages replayed from CUDA graphs (per (profile, dims) key, after one warm-up call).
-GRAPH_STAGES = {"tracker_step"}
-
-
-def _align(n: int, a: int = ALIGNMENT) -> int:
-    return -(-int(n) // a) * a
-
-
-def _itemsize(dtype: str) -> int:
-    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
-
-
-def profile_max_dims(profiles: Iterable[Any]) -> dict[str, int]:
-    """Max of every symbol over a stage's profiles (``Profile.dims[sym].max``), plus derived
-    dims (``h = Hp/4``)."""
-    out: dict[str, int] = {}
-    for p in profiles:
-        for k, r in p.dims.items():
-            out[k] = max(out.get(k, 0), int(r.max))
-    return with_derived_dims(out) if ("Hp" in out or "Wp" in out) else out
-
-
-@dataclass
-class BufferPlan:
-    """Byte sizes of every buffer the TRT backend allocates, each rounded up to
-    :data:`ALIGNMENT`.
-
-    stores: clip store name -> bytes (``(max_frames, ...)`` of the producing output).
-    device: (stage, tensor) -> bytes, for every stage I/O tensor that is not a store view.
-    pinned: (stage, tensor) -> bytes of page-locked host memory (x2 when double-buffered).
-    views: (stage, tensor) -> store name, for tensors bound to store slices (no allocation).
-    frame_bytes: store name -> bytes of one frame (the slice stride).
-    """
-
-    stores: dict[str, int] = field(default_factory=dict)
-    device: dict[tuple[str, str], int] = field(default_factory=dict)
-    pinned: dict[tuple[str, str], int] = field(default_factory=dict)
-    views: dict[tuple[str, str], str] = field(default_factory=dict)
-    frame_bytes: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def device_total(self) -> int:
-        return sum(self.stores.values()) + sum(self.device.values())
-
-    @property
-    def pinned_total(self) -> int:
-        return sum(self.pinned.values())
-
-
-def plan_buffers(stage_specs: Mapping[str, StageSpec],
-                 profile_limits: Mapping[str, Mapping[str, int]],
-                 clip_frames: int | None = None) -> BufferPlan:
-    """Plan the TRT backend's buffers from the stages' I/O specs and per-stage max dims.
-
-    stage_specs: stage name -> :class:`StageSpec` (``manifest.stages``).
-    profile_limits: stage name -> {symbol: max value} (see :func:`profile_max_dims`; derived
-    ``h, w`` are filled in from ``Hp, Wp``).
-    clip_frames: leading size of the clip stores (default: the refiner's max ``L``, else the
-    mask head's max ``t``... else the segmenter's ``T``).
-    Sizes = product of the max shape x dtype size, rounded up to 256 bytes; stores hold
-    ``clip_frames`` frames of the segmenter's per-frame output. Raises ``ValueError`` when a
-    symbol has no limit.
-    """
-    plan = BufferPlan()
-    seg = stage_specs.get("segmenter")
-    if clip_frames is None:
-        for stage, sym in (("refiner", "L"), ("mask_head", "t"), ("segmenter", "T")):
-            if sym in profile_limits.get(stage, {}):
-                clip_frames = int(profile_limits[stage][sym])
-                break
-    if seg is not None:
-        seg_dims = with_derived_dims(profile_limits.get("segmenter", {}))
-        for store, (_, tensor) in CLIP_STORES.items():
-            spec = seg.output(tensor)
-            frame_shape = [eval_dim(d, seg_dims) for d in spec.shape[1:]]
-            fb = math.prod(frame_shape) * _itemsize(spec.dtype)
-            plan.frame_bytes[store] = fb
-            plan.stores[store] = _align(fb * int(clip_frames or 1))
-    for stage, spec in stage_specs.items():
-        dims = with_derived_dims(profile_limits.get(stage, {}))
-        for kind, group in (("in", spec.inputs), ("out", spec.outputs)):
-            for t in group:
-                key = (stage, t.name)
-                if kind == "out" and stage == "segmenter" and t.name in CLIP_STORES \
-                        and seg is not None:
-                    plan.views[key] = t.name
-                elif kind == "in" and key in STORE_VIEWS and seg is not None:
-                    plan.views[key] = STORE_VIEWS[key]
-                try:
-                    shape = [eval_dim(d, dims) for d in t.shape]
-                except KeyError as exc:
-                    raise ValueError(f"plan_buffers: stage '{stage}' tensor '{t.name}': no "
-                                     f"limit for symbol {exc.args[0]!r}") from None
-                nbytes = _align(math.prod(shape) * _itemsize(t.dtype))
-                if key not in plan.views:
-                    plan.device[key] = nbytes
-                if key in HOST_FETCHED or key in HOST_FED:
-                    plan.pinned[key] = nbytes * (2 if key in DOUBLE_BUFFERED else 1)
-    return plan
-
-
-class GraphCache:
-    """CUDA-graph bookkeeping per key (``(stage, profile, dims...)``): the first call of a key
-    is a warm-up (plain enqueue; TensorRT finishes its lazy set-up there), the second captures,
-    later ones replay. At most ``capacity`` graphs are kept (least recently used evicted; the
-    evicted exec is returned by :meth:`put` for destruction)."""
-
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self._seen: collections.Counter = collections.Counter()
-        self._graphs: collections.OrderedDict = collections.OrderedDict()
-
-    def get(self, key):
-        g = self._graphs.get(key)
-        if g is not None:
-            self._graphs.move_to_end(key)
-        return g
-
-    def should_capture(self, key) -> bool:
-        """Count a call of ``key``; True when it is time to capture (2nd call, not cached)."""
-        self._seen[key] += 1
-        return key not in self._graphs and self._seen[key] >= 2
-
-    def put(self, key, graph_exec):
-        """Store a captured graph; returns an evicted one (or None)."""
-        self._graphs[key] = graph_exec
-        self._graphs.move_to_end(key)
-        if len(self._graphs) > self.capacity:
-            _, old = self._graphs.popitem(last=False)
-            return old
-        return None
-
-    def clear(self) -> list:
-        out = list(self._graphs.values())
-        self._graphs.clear()
-        self._seen.clear()
-        return out
-
-    def __len__(self) -> int:
-        return len(self._graphs)
-
-
-# =============================================================================================
-# device part (needs tensorrt + cuda.bindings + a GPU)
-# =============================================================================================
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # noqa: PLC0415
-    except ImportError:
-        raise DependencyError("the TensorRT backend needs NVIDIA's CUDA Python binding; "
-                              "pip install cuda-python (or 'dvis-trt[engine]')") from None
-    return cudart
-
-
-def _trt():
-    try:
-        import tensorrt as trt  # noqa: PLC0415
-    except ImportError:
-        raise DependencyError("the TensorRT backend needs TensorRT's Python package; install "
-                              "TensorRT (pip install tensorrt, or JetPack on Jetson)") from None
-    return trt
-
-
-def _ck(result, what: str):
-    """Unpack a cuda.bindings call result ``(err, *values)``; raise on error."""
-    cudart = _cudart()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cudart.cudaError_t.cudaSuccess:
-        _, msg = cudart.cudaGetErrorString(err)
-        raise RuntimeError(f"CUDA error in {what}: {err.name}: {msg!r}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def _handle(x) -> int:
-    try:
-        return int(x)
-    except TypeError:
-        return int(x.getPtr())
-
-
-@dataclass
-class DeviceTensor:
-    """A tensor in device memory owned by a :class:`TrtBackend` (a view: never freed by itself).
-
-    ptr: device address (int); shape, dtype: numpy semantics, C-contiguous.
-    """
-
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    backend: "TrtBackend | None" = None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
-
-    def frames(self, start: int, stop: int) -> "DeviceTensor":
-        """View of ``[start:stop]`` on the leading axis (no copy)."""
-        if not 0 <= start <= stop <= self.shape[0]:
-            raise IndexError(f"frames({start}, {stop}) outside leading axis {self.shape[0]}")
-        row = math.prod(self.shape[1:]) * np.dtype(self.dtype).itemsize
-        return DeviceTensor(self.ptr + start * row, (stop - start, *self.shape[1:]),
-                            self.dtype, self.backend)
-
-    def frame(self, i: int) -> "DeviceTensor":
-        """View of element ``i`` of the leading axis, without that axis."""
-        v = self.frames(i, i + 1)
-        return DeviceTensor(v.ptr, v.shape[1:], v.dtype, v.backend)
-
-
-class _Pinned:
-    """Page-locked host buffer with a numpy view factory."""
-
-    def __init__(self, nbytes: int):
-        cudart = _cudart()
-        self.nbytes = nbytes
-        self.ptr = _handle(_ck(cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
-        self.event = _ck(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming),
-                         "cudaEventCreate")
-
-    def view(self, shape, dtype) -> np.ndarray:
-        n = math.prod(shape) * np.dtype(dtype).itemsize
-        if n > self.nbytes:
-            raise InputError(f"tensor of {n} bytes exceeds its planned pinned buffer "
-                             f"({self.nbytes}); rebuild engines with larger limits")
-        raw = (ctypes.c_byte * n).from_address(self.ptr)
-        return np.frombuffer(raw, dtype=dtype, count=math.prod(shape)).reshape(shape)
-
-    def free(self):
-        cudart = _cudart()
-        if self.ptr:
-            cudart.cudaEventDestroy(self.event)
-            cudart.cudaFreeHost(self.ptr)
-            self.ptr = 0
+__all__ = ["TrtBackend"]
 
 
 @dataclass
@@ -370,26 +82,9 @@ class TrtBackend(Backend):
 
     # -- loading ------------------------------------------------------------------------------
     def _init_runtime(self, manifest: BundleManifest) -> None:
-        from dvis_trt.engine.builder import machine_info  # noqa: PLC0415
-        from dvis_trt.engine.manifest import (check_fresh, find_engine_dir,  # noqa: PLC0415
-                                              load_engine_manifest)
         trt = self._trt
-        machine = machine_info(self._device)
-        engine_dir = self._engine_dir or find_engine_dir(manifest, machine)
-        em = load_engine_manifest(engine_dir, verify=False)
-        plugin_sha = None
-        if em.plugin_library:
-            lib = self._plugin_library or Path(em.plugin_library.get("path", ""))
-            if not lib.is_file():
-                raise BundleError(f"the engines need the MSDA plugin library "
-                                  f"{em.plugin_library.get('name')} but {lib} does not exist; "
-                                  "run `dvis-trt build-plugins` or pass --plugin-lib")
-            plugin_sha = sha256_file(lib)
-            check_fresh(em, manifest, machine, plugin_sha)
-            from dvis_trt.plugins import register_trt_plugin
-            register_trt_plugin(lib)  # registry.load_library, before deserialising
-        else:
-            check_fresh(em, manifest, machine, None)
+        em = loader.load_engine_folder(manifest, engine_dir=self._engine_dir,
+                                       plugin_library=self._plugin_library, device=self._device)
         trt.init_libnvinfer_plugins(self._logger, "")  # built-in plugins (trt-builtin MSDA)
         self._runtime = trt.Runtime(self._logger)
         self._emanifest = em
@@ -401,15 +96,8 @@ class TrtBackend(Backend):
             self._init_runtime(manifest)
         em = self._emanifest
         spec = manifest.stage(stage_name)
-        se = em.stages.get(stage_name)
-        if se is None:
-            raise BundleError(f"{em.root} has no '{stage_name}' engine; run `dvis-trt build "
-                              f"{manifest.root}`")
-        data = (em.root / se.file).read_bytes()
-        engine = self._runtime.deserialize_cuda_engine(data)
-        if engine is None:
-            raise BundleError(f"TensorRT could not deserialize {em.root / se.file} (corrupt, or "
-                              f"built by another TensorRT); run `dvis-trt build {manifest.root}`")
+        engine = loader.deserialize_engine(self._runtime, em, stage_name, manifest)
+        se = em.stages[stage_name]
         self._engines[stage_name] = engine
         self._profiles[stage_name] = list(se.profiles)
         self._specs[stage_name] = spec
@@ -529,7 +217,7 @@ class TrtBackend(Backend):
 
     # -- running ------------------------------------------------------------------------------
     def _select(self, stage: str, shapes: Mapping[str, Sequence[int]]) -> int:
-        from dvis_trt.engine.profiles import describe_limits, select_profile  # noqa: PLC0415
+        from dvis_trt.runtime.bundle.profiles import describe_limits, select_profile  # noqa: PLC0415
         idx = select_profile(self._profiles[stage], shapes)
         if idx < 0:
             raise InputError(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from .cli import positive_int as _positive
+from dvis_trt.runtime.cli import positive_int as _positive
 
 __all__ = ["add_arguments", "run", "CONFIGS", "DISCLAIMER"]
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:  # runtime/ never imports torch itself
-        from .errors import DependencyError
+        from dvis_trt.errors import DependencyError
         raise DependencyError("'dvis-trt demo' builds its bundle with PyTorch, which is not "
                               "installed; pip install 'dvis-trt[export]' (running an existing "
                               "bundle with `dvis-trt run` needs no torch)") from None
@@ -97,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
     from dvis_trt.export.onnx_export import export_from_checkpoint
     from dvis_trt.export.testing import spread_weights_
 
-    from .config import load_config
-    from .runner import Runner, discover_inputs, run_videos
-    from .synthetic import make_demo_video
+    from dvis_trt.export.config import load_config
+    from dvis_trt.runtime.inputs import discover_inputs
+    from dvis_trt.runtime.runner import Runner, run_videos
+    from dvis_trt.runtime.synthetic import make_demo_video
 
     out = (Path(args.output_dir) if args.output_dir else
            default_demo_dir(args.config, args.seed)).expanduser().absolute()

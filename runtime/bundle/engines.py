@@ -2,13 +2,13 @@
 the staleness rules that decide whether prebuilt engines may run on this machine.
 
 No TensorRT import here: the facts about the machine (:class:`MachineInfo`) are gathered by the
-caller (:func:`dvis_trt.engine.builder.machine_info` on a GPU machine) so that the rules are
+caller (:func:`dvis_trt.runtime.backends.trt.loader.machine_info` on a GPU machine) so that the rules are
 testable anywhere.
 
 A TensorRT engine (plan) is only valid for the exact TensorRT version and GPU model it was
 built with (we build neither version- nor hardware-compatible engines: both cost speed), for
 the plugin library whose kernels it references, and for the ONNX graph it was built from.
-Any mismatch -> :class:`~dvis_trt.runtime.errors.BundleError` with one line:
+Any mismatch -> :class:`~dvis_trt.errors.BundleError` with one line:
 ``engine built for X, this machine is Y; run `dvis-trt build BUNDLE```.
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from dvis_trt.runtime.errors import BundleError
-from dvis_trt.runtime.manifest import (BundleManifest, PRECISIONS, atomic_write_text,
-                                       sha256_file)
-
+from dvis_trt.errors import BundleError
+from dvis_trt.fileio import atomic_write_text, sha256_file
+from .manifest import BundleManifest
 from .profiles import Profile
+from .stages import PRECISIONS
 
 __all__ = ["ENGINE_FORMAT_VERSION", "ENGINE_MANIFEST_NAME", "ENGINES_DIR", "MachineInfo",
            "StageEngine", "EngineManifest", "engine_dir_name", "gpu_slug",
