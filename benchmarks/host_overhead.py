@@ -206,14 +206,14 @@ def _parse_size(text: str):
 def stub_run(frames: int, tracks: int, size, threads: int, seed: int = 0,
              blas_threads: Optional[int] = 1, repeat: int = 3) -> dict:
     from dvis_trt.runtime import pipeline as pl
-    from dvis_trt.export.config import inference_values, load_config
+    from dvis_trt.export.config import inference_config, inference_values, load_config
     from dvis_trt.runtime.postprocess import MaskUpsampler
     from dvis_trt.runtime.runner import limit_blas_threads
 
     if blas_threads is not None:
         limit_blas_threads(blas_threads)  # what the Runner does
     values = inference_values(load_config(R50_CONFIG))
-    settings = pl.PipelineSettings.from_values(values)
+    settings = inference_config(load_config(R50_CONFIG))
     q, c, k, n = values["num_queries"], values["hidden_dim"], values["num_classes"], \
         values["num_new_ins"]
     d, s = values["mask_dim"], values["num_slots"]

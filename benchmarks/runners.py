@@ -4,6 +4,7 @@
 :func:`alternate` runs them in A/B/... rounds with the order reversed every round."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -119,8 +120,8 @@ class EagerRunner:
         from dvis_trt.runtime.preprocess import preprocess_frames
         m = self.model
         s = m.settings
-        old_window = s.segmenter_window
-        s.segmenter_window = self.window
+        old_window = m.window
+        m.window = self.window
         groups = _Clock()
         engine = _Clock()
         seg_mod = m.segmenter()
@@ -153,7 +154,7 @@ class EagerRunner:
             for mod, attr in patched:
                 object.__delattr__(mod, attr)
             object.__delattr__(seg_mod, "forward")
-            s.segmenter_window = old_window
+            m.window = old_window
         g = {k: groups.acc.get(k, 0.0) for k in STAGE_GROUPS if k != "other"}
         g["other"] = max(0.0, wall - sum(g.values()))
         return RunOutput(Instances.from_eager(out), wall, g, sum(engine.acc.values()),
@@ -162,7 +163,7 @@ class EagerRunner:
     def set_min_size(self, short_edge: int) -> int:
         """Change the resize target (sweeps); returns the previous value."""
         old = self.model.settings.min_size_test
-        self.model.settings.min_size_test = int(short_edge)
+        self.model.settings = dataclasses.replace(self.model.settings, min_size_test=int(short_edge))
         return old
 
     def close(self) -> None:
@@ -181,7 +182,7 @@ class PipelineRunner:
 
     def __init__(self, name: str, backend, manifest, window: int = 5, threads: int = 0,
                  sync: Optional[Callable[[], None]] = None):
-        from dvis_trt.runtime.pipeline import OfflinePipeline, PipelineSettings
+        from dvis_trt.runtime.pipeline import OfflinePipeline
         from dvis_trt.runtime.postprocess import MaskUpsampler
         self.name = name
         self.backend = backend
@@ -189,8 +190,7 @@ class PipelineRunner:
         self.window = int(window)
         self.sync = sync
         backend.load_all(manifest)
-        settings = PipelineSettings.from_values(manifest.config.to_dict())
-        self.pipeline = OfflinePipeline(backend, settings, load_constants(manifest),
+        self.pipeline = OfflinePipeline(backend, manifest.config, load_constants(manifest),
                                         window=self.window,
                                         upsampler=MaskUpsampler(intra_op_threads=threads))
 
@@ -233,7 +233,7 @@ class PipelineRunner:
 
     def set_min_size(self, short_edge: int) -> int:
         old = self.pipeline.s.min_size_test
-        self.pipeline.s.min_size_test = int(short_edge)
+        self.pipeline.s = dataclasses.replace(self.pipeline.s, min_size_test=int(short_edge))
         return old
 
     def close(self) -> None:

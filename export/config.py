@@ -49,6 +49,7 @@ __all__ = [
     "load_config",
     "default_config",
     "inference_values",
+    "inference_config",
     "dataset_class_names",
     "DEFAULTS_PATH",
     "DATASETS_PATH",
@@ -545,3 +546,16 @@ def inference_values(cfg: Config) -> Dict[str, Any]:
         "input_format": str(cfg.INPUT.FORMAT),
         "class_names": _class_names(cfg, num_classes),
     }
+
+
+def inference_config(cfg: Config):
+    """The config's inference values as the one frozen type,
+    :class:`~dvis_trt.runtime.bundle.config.InferenceConfig` (what the manifest stores, the
+    pipeline and the eager model consume): ``InferenceConfig.from_dict(inference_values(cfg))``.
+
+    Raises:
+        InputError: as :func:`inference_values`; BundleError: a value out of range.
+    """
+    from dvis_trt.runtime.bundle.config import InferenceConfig
+
+    return InferenceConfig.from_dict(inference_values(cfg))

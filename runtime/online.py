@@ -131,7 +131,7 @@ class OnlinePipeline:
             protocol of :class:`~dvis_trt.runtime.pipeline.OfflinePipeline` (TensorRT: mask
             features stay on the device; only the tracker's embeds/logits, the Hungarian slot
             match and the final masks cross to the host) are both supported.
-        settings: :class:`~dvis_trt.runtime.pipeline.PipelineSettings` of the bundle.
+        settings: :class:`~dvis_trt.runtime.bundle.config.InferenceConfig` of the bundle.
         constants: ``bg_slots`` (S, C), ``seg_query_feat`` (Q, C) (the bundle's constants).
         upsampler: mask resizer (default :class:`MaskUpsampler`).
         keep_masks: also return dense bool masks (``FrameResult.masks``).

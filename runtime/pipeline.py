@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
+from .bundle.config import InferenceConfig
 from .postprocess import MaskUpsampler, fg_scores, minvis_link, select_topk
 from .preprocess import normalize_and_pad, padded_shape, resize_frame, resize_shortest_edge_shape
 from .tracking import match_with_embeds, similarity_guided_update
@@ -40,41 +41,6 @@ from .tracking import match_with_embeds, similarity_guided_update
 KICK_OUT_FRAME_NUM = 8   # official VideoInstanceCutter(kick_out_frame_num=8), not configurable
 POS_HISTORY = 9          # official maximum_chache (10) minus the new embed
 FILL_ID_BASE = 1_000_000  # fill queries of clip c get ids FILL_ID_BASE * (c + 1) + j, j >= 1
-
-
-@dataclass
-class PipelineSettings:
-    """Inference values of the bundle's config (``manifest.config``)."""
-
-    num_classes: int
-    num_new_ins: int
-    inference_select_threshold: float
-    aux_inference_select_threshold: float
-    dis_fg_threshold: float
-    ovis_infer: bool
-    noise_frame_num: int
-    offline_topk_num: int
-    max_num: int
-    min_size_test: int
-    max_size_test: int
-    size_divisibility: int
-    pixel_mean: Tuple[float, float, float]
-    pixel_std: Tuple[float, float, float]
-    input_format: str = "RGB"
-
-    @classmethod
-    def from_values(cls, v: dict) -> "PipelineSettings":
-        return cls(
-            num_classes=int(v["num_classes"]), num_new_ins=int(v["num_new_ins"]),
-            inference_select_threshold=float(v["inference_select_threshold"]),
-            aux_inference_select_threshold=float(v["aux_inference_select_threshold"]),
-            dis_fg_threshold=float(v["dis_fg_threshold"]), ovis_infer=bool(v["ovis_infer"]),
-            noise_frame_num=int(v["noise_frame_num"]), offline_topk_num=int(v["offline_topk_num"]),
-            max_num=int(v["max_num"]), min_size_test=int(v["min_size_test"]),
-            max_size_test=int(v["max_size_test"]), size_divisibility=int(v["size_divisibility"]),
-            pixel_mean=tuple(float(x) for x in v["pixel_mean"]),
-            pixel_std=tuple(float(x) for x in v["pixel_std"]),
-            input_format=str(v.get("input_format", "RGB")))
 
 
 class TrackHub:
@@ -267,14 +233,14 @@ class OfflinePipeline:
 
     Args:
         backend: a loaded :class:`~dvis_trt.runtime.backends.base.Backend` (all five stages).
-        settings: :class:`PipelineSettings` from the bundle manifest's config.
+        settings: :class:`~dvis_trt.runtime.bundle.config.InferenceConfig` (``manifest.config``).
         constants: the bundle's host constants: ``bg_slots`` (S, C), ``seg_query_feat`` (Q, C).
         window: frames per segmenter call and per mask-head chunk (a performance knob; results
             do not depend on it).
         upsampler: mask resizer (default :class:`MaskUpsampler`).
     """
 
-    def __init__(self, backend, settings: PipelineSettings, constants: Dict[str, np.ndarray],
+    def __init__(self, backend, settings: InferenceConfig, constants: Dict[str, np.ndarray],
                  window: int = 5, upsampler: Optional[MaskUpsampler] = None,
                  keep_masks: bool = False):
         if window < 1:

@@ -31,7 +31,7 @@ from dvis_trt.errors import DvisTrtError, InputError
 from .backends.registry import create_backend
 from .bundle import BundleManifest, load_constants, load_manifest
 from .inputs import VideoJob, check_outputs, overlay_paths
-from .pipeline import FILL_ID_BASE, OfflinePipeline, PipelineSettings, VideoResult
+from .pipeline import FILL_ID_BASE, OfflinePipeline, VideoResult
 from .postprocess import MaskUpsampler
 from .results import InstanceTrack, ytvis_results
 from .video import VideoSource, prefetch
@@ -220,7 +220,7 @@ class Runner:
             self._own_backend = False
         if host_blas_threads is not None:
             limit_blas_threads(int(host_blas_threads))
-        self.settings = PipelineSettings.from_values(self.manifest.config.to_dict())
+        self.settings = self.manifest.config
         self.pipeline = OfflinePipeline(self.backend, self.settings, constants,
                                         window=int(window),
                                         upsampler=MaskUpsampler(intra_op_threads=threads or 0))

@@ -141,11 +141,11 @@ def test_eager_tracker_births_kills_and_filters(tiny_run):
 
 def test_eager_is_deterministic_and_window_independent(tiny_run):
     model, frames, out = tiny_run
-    model.settings.segmenter_window = 3
+    model.window = 3
     try:
         again = model(frames)
     finally:
-        model.settings.segmenter_window = 5
+        model.window = 5
     np.testing.assert_array_equal(again["track_ids"], out["track_ids"])
     np.testing.assert_array_equal(again["labels"], out["labels"])
     # windows only batch frames (each frame is independent): float noise only

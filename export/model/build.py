@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from dvis_trt.export.config import inference_values
+from dvis_trt.export.config import inference_config
 from dvis_trt.errors import InputError
 
 from .backbone import build_resnet
-from .dvis_daq import DvisDaqOffline, InferenceSettings
+from .dvis_daq import DvisDaqOffline
 from .dvis_daq_online import DvisDaqOnline
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .predictor import VideoMultiScaleMaskedTransformerDecoder_dvisPlus
@@ -125,5 +125,5 @@ def _segmenter_and_tracker(cfg: Any):
         mask_dim=int(mf.HIDDEN_DIM),  # official: mask_dim=cfg.MODEL.MASK_FORMER.HIDDEN_DIM
         num_classes=int(ssh.NUM_CLASSES), num_new_ins=int(vh.NUM_NEW_INS),
         num_slots=int(vh.NUM_SLOTS), num_queries=int(mf.NUM_OBJECT_QUERIES))
-    settings = InferenceSettings.from_values(inference_values(cfg))
+    settings = inference_config(cfg)
     return backbone, sem_seg_head, tracker, settings

@@ -32,54 +32,12 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from dvis_trt.runtime.bundle.config import InferenceConfig
 from dvis_trt.runtime.preprocess import preprocess_frames
 
 FILL_ID_BASE = 1_000_000
 KICK_OUT_FRAME_NUM = 8  # hard-coded in the official VideoInstanceCutter (kick_out_frame_num)
 MAXIMUM_CACHE = 10      # VideoInstanceSequence.maximum_chache
-
-
-@dataclass
-class InferenceSettings:
-    """Inference-time values of the config (see ``export.config.inference_values``)."""
-
-    num_classes: int
-    num_new_ins: int = 100
-    inference_select_threshold: float = 0.1
-    aux_inference_select_threshold: float = 0.01
-    dis_fg_threshold: float = 0.01
-    ovis_infer: bool = True
-    noise_frame_num: int = 2
-    offline_topk_num: int = 20
-    max_num: int = 20
-    min_size_test: int = 480
-    max_size_test: int = 1333
-    size_divisibility: int = 32
-    pixel_mean: Sequence[float] = (123.675, 116.28, 103.53)
-    pixel_std: Sequence[float] = (58.395, 57.12, 57.375)
-    segmenter_window: int = 5  # the official forward hard-codes 5; results do not depend on it
-    input_format: str = "RGB"  # INPUT.FORMAT: the channel order the model was trained on
-
-    @classmethod
-    def from_values(cls, values: dict) -> "InferenceSettings":
-        """Build from the bundle manifest's ``config`` block (``inference_values(cfg)``)."""
-        return cls(
-            num_classes=int(values["num_classes"]),
-            num_new_ins=int(values["num_new_ins"]),
-            inference_select_threshold=float(values["inference_select_threshold"]),
-            aux_inference_select_threshold=float(values["aux_inference_select_threshold"]),
-            dis_fg_threshold=float(values["dis_fg_threshold"]),
-            ovis_infer=bool(values["ovis_infer"]),
-            noise_frame_num=int(values["noise_frame_num"]),
-            offline_topk_num=int(values["offline_topk_num"]),
-            max_num=int(values["max_num"]),
-            min_size_test=int(values["min_size_test"]),
-            max_size_test=int(values["max_size_test"]),
-            size_divisibility=int(values["size_divisibility"]),
-            pixel_mean=tuple(float(v) for v in values["pixel_mean"]),
-            pixel_std=tuple(float(v) for v in values["pixel_std"]),
-            input_format=str(values.get("input_format", "RGB")),
-        )
 
 
 class DaqCriterionStub(nn.Module):
@@ -153,7 +111,7 @@ class TrackerLoop:
 
 
 @torch.no_grad()
-def track_frame(tracker: nn.Module, seg_query_feat: Tensor, s: InferenceSettings,
+def track_frame(tracker: nn.Module, seg_query_feat: Tensor, s: InferenceConfig,
                 state: TrackerLoop, i: int, fe: Tensor, mf: Tensor, mp: Tensor,
                 seg_logits: Tensor) -> Tuple[Tensor, Tensor, List[Tuple[int, int, bool]]]:
     """One frame of the official ``VideoInstanceCutter.inference`` loop (``dvis_daq/track_module.py``).
@@ -233,7 +191,7 @@ class DvisDaqOffline(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, sem_seg_head: nn.Module, tracker: nn.Module,
-                 refiner: nn.Module, settings: InferenceSettings):
+                 refiner: nn.Module, settings: InferenceConfig):
         super().__init__()
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
@@ -242,6 +200,8 @@ class DvisDaqOffline(nn.Module):
         self.daq_criterion = DaqCriterionStub(settings.num_classes)
         self.refiner = refiner
         self.settings = settings
+        #: frames per segmenter call; the official forward hard-codes 5 (results do not depend on it)
+        self.window = 5
         self.register_buffer("pixel_mean", torch.tensor(settings.pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(settings.pixel_std).view(-1, 1, 1), False)
 
@@ -257,11 +217,11 @@ class DvisDaqOffline(nn.Module):
 
     @torch.no_grad()
     def run_segmenter(self, images: Tensor) -> Dict[str, Tensor]:
-        """Segmenter over windows of ``settings.segmenter_window`` frames, outputs concatenated
+        """Segmenter over windows of ``self.window`` frames, outputs concatenated
         over time (official ``segmenter_windows_inference``)."""
         seg = self.segmenter()
         outs: Dict[str, List[Tensor]] = {}
-        w = max(1, int(self.settings.segmenter_window))
+        w = max(1, int(self.window))
         for s in range(0, images.shape[0], w):
             out = dict(zip(seg.OUTPUT_NAMES, seg(images[s:s + w])))
             for k, v in out.items():

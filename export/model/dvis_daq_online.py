@@ -31,7 +31,9 @@ from torch import Tensor, nn
 
 from dvis_trt.runtime.preprocess import preprocess_frames
 
-from .dvis_daq import DaqCriterionStub, InferenceSettings, TrackerLoop, track_frame
+from dvis_trt.runtime.bundle.config import InferenceConfig
+
+from .dvis_daq import DaqCriterionStub, TrackerLoop, track_frame
 
 
 @dataclass
@@ -72,7 +74,7 @@ class DvisDaqOnline(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, sem_seg_head: nn.Module, tracker: nn.Module,
-                 settings: InferenceSettings):
+                 settings: InferenceConfig):
         super().__init__()
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
