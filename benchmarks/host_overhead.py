@@ -14,8 +14,9 @@ misses. Everything the runtime does between engines is real: preprocessing (Pill
 normalise, pad), the slot branch's Hungarian match (scipy) every frame, validity, the track
 hub (append / invalid counts / kick-out / similarity-guided position embeds), noise filter and
 top-K, the frame-by-frame Hungarian link for the fill queries, top-MAX_NUM, mask resize to the
-original size (ONNX Runtime Resize) and RLE (pycocotools). Phases are timed by wrapping the
-pipeline's functions; time inside the stub backend is excluded.
+original size (ONNX Runtime Resize) and RLE (pycocotools). Phases are timed through the
+pipeline's tracing hook (a :class:`~dvis_trt.runtime.tracing.SpanTimer`, thread CPU time too;
+nothing is patched); time inside the stub backend is excluded.
 
 Mode 2 (``--bundle``): the same pipeline on the bundle's real ONNX Runtime engines and a real
 video (default: a 360p demo MP4), reporting engine time per stage, host time and frames/s —
@@ -35,6 +36,9 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+
+from dvis_trt.runtime.preprocess import ResizeGeometry
+from dvis_trt.runtime.tracing import SpanTimer
 
 R50_CONFIG = Path(__file__).resolve().parents[1] / "export" / "configs" / \
     "dvis_daq_offline_r50_ovis.yaml"
@@ -151,51 +155,23 @@ class StubBackend:
         pass
 
 
-class PhaseTimer:
-    """Wraps functions in a module namespace (or methods) and sums their wall time and the
-    calling thread's CPU time (the latter is what other processes on a shared machine do not
-    inflate; ONNX Runtime's resize runs on its own threads, so its CPU time is not counted)."""
-
-    def __init__(self):
-        self.seconds: Dict[str, float] = {}
-        self.cpu: Dict[str, float] = {}
-        self.calls: Dict[str, int] = {}
-        self._undo = []
-
-    def wrap(self, owner, attr: str, phase: str) -> None:
-        fn = getattr(owner, attr)
-
-        def timed(*a, **kw):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
-                self.cpu[phase] = self.cpu.get(phase, 0.0) + time.thread_time() - c0
-                self.calls[phase] = self.calls.get(phase, 0) + 1
-
-        setattr(owner, attr, timed)
-        self._undo.append((owner, attr, fn))
-
-    def restore(self) -> None:
-        for owner, attr, fn in reversed(self._undo):
-            setattr(owner, attr, fn)
-        self._undo.clear()
+#: pipeline span (dvis_trt.runtime.tracing) -> phase row of this benchmark
+PHASES = {"preprocess.resize": "preprocess", "preprocess.normalize": "preprocess",
+          "tracker.match": "hungarian (slot match)", "tracker.hub_update": "track hub update",
+          "tracker.scores": "scores / validity", "select.noise_filter": "noise filter + grouping",
+          "select.link": "hungarian (frame link)", "select.topk": "top-K", "finalize.rle": "RLE",
+          "finalize.mask_resize": "mask resize (ORT)"}
 
 
-def _instrument(pipeline_mod, upsampler) -> PhaseTimer:
-    pt = PhaseTimer()
-    pt.wrap(pipeline_mod, "resize_frame", "preprocess")
-    pt.wrap(pipeline_mod, "normalize_and_pad", "preprocess")
-    pt.wrap(pipeline_mod, "match_with_embeds", "hungarian (slot match)")
-    pt.wrap(pipeline_mod.TrackHub, "update", "track hub update")
-    pt.wrap(pipeline_mod, "fg_scores", "scores / validity")
-    pt.wrap(pipeline_mod.TrackHub, "clip_tracks", "noise filter + grouping")
-    pt.wrap(pipeline_mod, "minvis_link", "hungarian (frame link)")
-    pt.wrap(pipeline_mod, "select_topk", "top-K")
-    pt.wrap(pipeline_mod, "_encode_rle", "RLE")
-    pt.wrap(type(upsampler), "__call__", "mask resize (ORT)")
-    return pt
+def _phases(timer) -> tuple:
+    """(wall seconds, thread-CPU seconds) per phase row from a SpanTimer of one run."""
+    wall: Dict[str, float] = {}
+    cpu: Dict[str, float] = {}
+    for span, phase in PHASES.items():
+        if span in timer.totals:
+            wall[phase] = wall.get(phase, 0.0) + timer.totals[span]
+            cpu[phase] = cpu.get(phase, 0.0) + timer.cpu.get(span, 0.0)
+    return wall, cpu
 
 
 def _parse_size(text: str):
@@ -232,16 +208,14 @@ def stub_run(frames: int, tracks: int, size, threads: int, seed: int = 0,
     for _ in range(max(1, repeat)):
         pipe.timings.clear()
         backend.live_counts.clear()
-        pt = _instrument(pl, upsampler)
-        try:
-            t0 = time.perf_counter()
-            res = pipe.run_video(video)
-            wall = time.perf_counter() - t0
-        finally:
-            pt.restore()
+        pipe.tracer = SpanTimer(cpu=True)   # the pipeline's tracing hook, no patching
+        t0 = time.perf_counter()
+        res = pipe.run_video(video)
+        wall = time.perf_counter() - t0
         stub = sum(pipe.timings.values())
-        phases = {k2: v / frames * 1e3 for k2, v in pt.seconds.items()}
-        cpu = {k2: v / frames * 1e3 for k2, v in pt.cpu.items()}
+        seconds, cpu_s = _phases(pipe.tracer)
+        phases = {k2: v / frames * 1e3 for k2, v in seconds.items()}
+        cpu = {k2: v / frames * 1e3 for k2, v in cpu_s.items()}
         runs.append({"host": (wall - stub) / frames * 1e3, "stub": stub / frames * 1e3,
                      "phases": phases, "cpu": cpu,
                      "own": sum(phases.get(k2, 0.0) for k2 in own_keys),
@@ -252,8 +226,7 @@ def stub_run(frames: int, tracks: int, size, threads: int, seed: int = 0,
     return {
         "mode": "stub engines",
         "config": str(R50_CONFIG.name), "frames": frames, "size": list(size),
-        "padded": list(pl.padded_shape(*pl.resize_shortest_edge_shape(
-            size[0], size[1], settings.min_size_test, settings.max_size_test), 32)),
+        "padded": list(ResizeGeometry.of(size[0], size[1], settings).padded),
         "threads": threads, "host_blas_threads": blas_threads, "repeats": len(runs),
         "live_tracks_mean": float(np.mean(lc)) if lc else 0.0,
         "live_tracks_max": int(max(lc)) if lc else 0, "tracks_born": int(res.num_tracks),
@@ -272,7 +245,6 @@ def stub_run(frames: int, tracks: int, size, threads: int, seed: int = 0,
 def engine_run(bundle: str, video: Optional[str], frames: int, size, threads: int,
                window: int) -> dict:
     """The real bundle on ONNX Runtime CPU: per-stage engine time, host time, frames/s."""
-    from dvis_trt.runtime import pipeline as pl
     from dvis_trt.runtime.inputs import discover_inputs
     from dvis_trt.runtime.runner import Runner
 
@@ -288,13 +260,11 @@ def engine_run(bundle: str, video: Optional[str], frames: int, size, threads: in
     # warm-up: first runs of every session (allocations, ORT kernel choice) are not timed
     runner.pipeline.run_video(f.rgb for _, f in zip(range(min(window + 1, 6)), src.iter_frames()))
     runner.pipeline.timings.clear()
-    pt = _instrument(pl, runner.pipeline.upsampler)
-    try:
-        t0 = time.perf_counter()
-        out = runner.run_source(job, src)
-        wall = time.perf_counter() - t0
-    finally:
-        pt.restore()
+    runner.pipeline.tracer = SpanTimer(cpu=True)
+    t0 = time.perf_counter()
+    out = runner.run_source(job, src)
+    wall = time.perf_counter() - t0
+    seconds, _ = _phases(runner.pipeline.tracer)
     n = out.result.num_frames
     eng = dict(runner.pipeline.timings)
     host = wall - sum(eng.values())
@@ -307,7 +277,7 @@ def engine_run(bundle: str, video: Optional[str], frames: int, size, threads: in
         "engine_share": sum(eng.values()) / wall,
         "host_ms_per_frame": host / n * 1e3,
         "phases_ms_per_frame": {k: v / n * 1e3 for k, v in
-                                sorted(pt.seconds.items(), key=lambda x: -x[1])},
+                                sorted(seconds.items(), key=lambda x: -x[1])},
     }
 
 

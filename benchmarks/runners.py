@@ -73,36 +73,13 @@ class RunOutput:
         return max(0.0, self.wall - self.engine)
 
 
-class _Clock:
-    """Accumulates seconds per key; ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each
-    reading so asynchronous GPU work is charged to the right key."""
-
-    def __init__(self, sync: Optional[Callable[[], None]] = None):
-        self.sync = sync or (lambda: None)
-        self.acc: Dict[str, float] = {}
-
-    def wrap(self, key: str, fn: Callable) -> Callable:
-        def timed(*a, **k):
-            self.sync()
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.sync()
-                self.acc[key] = self.acc.get(key, 0.0) + time.perf_counter() - t0
-        timed.__wrapped__ = fn
-        return timed
-
-
 class EagerRunner:
     """The PyTorch baseline: ``DvisDaqOffline`` (fp32, CPU), its stages timed one by one.
 
-    ``run(frames)`` does exactly what ``DvisDaqOffline.forward`` does — ``preprocess_frames``,
-    ``run_segmenter``, ``run_tracker``, ``select_instances``, ``refiner.forward_stage``,
-    ``finalize`` — with a clock around each (the stage groups), and clocks around the stage
-    modules inside them (segmenter module, ``tracker.forward_first`` / ``forward_step``,
-    ``refiner.forward_stage`` / ``mask_head``) for the engine/host split. The smoke test checks
-    the result equals ``model(frames)``.
+    ``run(frames)`` is ``model(frames)`` with a :class:`~dvis_trt.runtime.tracing.SpanTimer`
+    as the model's tracing hook: the model's own spans give the stage groups (``preprocess``,
+    ``segmenter``, ``tracker``, ``select``, ``refiner``, ``finalize``) and the stage-module
+    calls inside them (``engine.<stage>``) the engine/host split.
     """
 
     name = "torch"
@@ -117,48 +94,24 @@ class EagerRunner:
 
     def run(self, frames: Sequence[np.ndarray]) -> RunOutput:
         import torch
-        from dvis_trt.runtime.preprocess import preprocess_frames
+        from dvis_trt.runtime.tracing import NULL_TRACER, SpanTimer
         m = self.model
-        s = m.settings
         old_window = m.window
         m.window = self.window
-        groups = _Clock()
-        engine = _Clock()
-        seg_mod = m.segmenter()
-        patched = {(m.tracker, "forward_first"), (m.tracker, "forward_step"),
-                   (m.refiner, "forward_stage"), (m.refiner, "mask_head")}
-        key_of = {"forward_first": "tracker_first", "forward_step": "tracker_step",
-                  "forward_stage": "refiner", "mask_head": "mask_head"}
-        for mod, attr in patched:  # instance attributes shadow the methods during the run
-            object.__setattr__(mod, attr, engine.wrap(key_of[attr], getattr(mod, attr)))
-        orig_forward = seg_mod.forward
-        object.__setattr__(seg_mod, "forward", engine.wrap("segmenter", orig_forward))
+        m.tracer = timer = SpanTimer()
         try:
             with torch.no_grad():
                 t0 = time.perf_counter()
-                h0, w0 = frames[0].shape[:2]
-                images_np, (h, w) = groups.wrap("preprocess", preprocess_frames)(
-                    frames, s.min_size_test, s.max_size_test, s.pixel_mean, s.pixel_std,
-                    s.size_divisibility)
-                images = torch.from_numpy(images_np)
-                seg = groups.wrap("segmenter", m.run_segmenter)(images)
-                hub = groups.wrap("tracker", m.run_tracker)(seg)
-                inst, ids = groups.wrap("select", m.select_instances)(hub, seg)
-                logits, mask_embed = groups.wrap("refiner", m.refiner.forward_stage)(
-                    inst, seg["frame_embeds"])
-                out = groups.wrap("finalize", m.finalize)(
-                    logits, mask_embed, seg["mask_features"], ids, images.shape[-2:], (h, w),
-                    (h0, w0), num_tracks=len(hub))
+                out = m(frames)
                 wall = time.perf_counter() - t0
         finally:
-            for mod, attr in patched:
-                object.__delattr__(mod, attr)
-            object.__delattr__(seg_mod, "forward")
+            m.tracer = NULL_TRACER
             m.window = old_window
-        g = {k: groups.acc.get(k, 0.0) for k in STAGE_GROUPS if k != "other"}
+        g = {k: timer.total(k) for k in STAGE_GROUPS if k != "other"}
         g["other"] = max(0.0, wall - sum(g.values()))
-        return RunOutput(Instances.from_eager(out), wall, g, sum(engine.acc.values()),
-                         dict(engine.acc))
+        engine = {st: timer.total(f"engine.{st}") for st in ENGINE_STAGES
+                  if f"engine.{st}" in timer.totals}
+        return RunOutput(Instances.from_eager(out), wall, g, sum(engine.values()), engine)
 
     def set_min_size(self, short_edge: int) -> int:
         """Change the resize target (sweeps); returns the previous value."""
@@ -170,14 +123,19 @@ class EagerRunner:
         pass
 
 
+#: the pipeline's spans (dvis_trt.runtime.tracing) that make up each stage group
+GROUP_SPANS = {"preprocess": ("preprocess.resize", "preprocess.normalize"),
+               "tracker": ("tracker",), "select": ("select", "select.topk"),
+               "finalize": ("finalize",)}
+
+
 class PipelineRunner:
     """``runtime.pipeline.OfflinePipeline`` on one backend, with the stage groups timed.
 
     Engine time per stage comes from the pipeline's own ``timings`` (time inside
-    ``backend.run_resident``); the groups are measured by clocks on this runner's pipeline
-    instance (``_track_frame``, the mask upsampler) and on the pipeline module's host helpers
-    (``resize_frame``, ``normalize_and_pad``, ``minvis_link``, ``_encode_rle``), patched only
-    for the duration of ``run`` and only if present.
+    ``backend.run_resident``); the groups from the pipeline's tracing hook: a
+    :class:`~dvis_trt.runtime.tracing.SpanTimer` (``sync`` around the group spans) summed as
+    :data:`GROUP_SPANS`, plus the segmenter's and refiner's engine time.
     """
 
     def __init__(self, name: str, backend, manifest, window: int = 5, threads: int = 0,
@@ -199,35 +157,21 @@ class PipelineRunner:
         return self.pipeline.s
 
     def run(self, frames: Sequence[np.ndarray]) -> RunOutput:
-        import dvis_trt.runtime.pipeline as pl
+        from dvis_trt.runtime.tracing import SpanTimer
         p = self.pipeline
         p.timings = {}
-        clock = _Clock(self.sync)
-        module_hooks = {"resize_frame": "preprocess", "normalize_and_pad": "preprocess",
-                        "minvis_link": "select", "_encode_rle": "finalize"}
-        saved = {k: getattr(pl, k) for k in module_hooks if hasattr(pl, k)}
-        for k, fn in saved.items():
-            setattr(pl, k, clock.wrap(module_hooks[k], fn))
-        track = p._track_frame
-        ups = p.upsampler
-        p._track_frame = clock.wrap("tracker", track)
-        p.upsampler = clock.wrap("finalize", ups)
-        try:
-            t0 = time.perf_counter()
-            res = p.run_video(frames)
-            if self.sync:
-                self.sync()
-            wall = time.perf_counter() - t0
-        finally:
-            for k, fn in saved.items():
-                setattr(pl, k, fn)
-            del p._track_frame
-            p.upsampler = ups
+        p.tracer = timer = SpanTimer(self.sync, sync_spans=[n for names in GROUP_SPANS.values()
+                                                            for n in names])
+        t0 = time.perf_counter()
+        res = p.run_video(frames)
+        if self.sync:
+            self.sync()
+        wall = time.perf_counter() - t0
         t = dict(p.timings)
-        g = {k: clock.acc.get(k, 0.0) for k in STAGE_GROUPS if k != "other"}
+        g = {k: sum(timer.total(n) for n in GROUP_SPANS.get(k, ())) for k in STAGE_GROUPS
+             if k != "other"}
         g["segmenter"] += t.get("segmenter", 0.0)
         g["refiner"] += t.get("refiner", 0.0)
-        g["finalize"] += t.get("mask_head", 0.0)
         g["other"] = max(0.0, wall - sum(g.values()))
         return RunOutput(Instances.from_video_result(res), wall, g, sum(t.values()), t)
 

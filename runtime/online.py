@@ -33,7 +33,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .postprocess import MaskUpsampler, softmax
-from .preprocess import normalize_and_pad, padded_shape, resize_frame, resize_shortest_edge_shape
+from .preprocess import ResizeGeometry, normalize_and_pad, resize_frame
 from .results import encode_rle
 
 MODES = ("online", "near-online", "offline")
@@ -163,8 +163,8 @@ class OnlinePipeline:
 
     def _geom(self, h0: int, w0: int):
         if self._geometry is None or self._geometry[0] != (h0, w0):
-            h, w = resize_shortest_edge_shape(h0, w0, self.s.min_size_test, self.s.max_size_test)
-            self._geometry = ((h0, w0), (h, w), padded_shape(h, w, self.s.size_divisibility))
+            g = ResizeGeometry.of(h0, w0, self.s)
+            self._geometry = (g.orig, g.resized, g.padded)
         return self._geometry
 
     def process(self, rgb: np.ndarray, index: Optional[int] = None,
@@ -265,7 +265,7 @@ class NearOnlinePipeline:
         self._start = 0
         self._clips = 0
         self._size: Optional[Tuple[int, int]] = None
-        self._resized: Optional[Tuple[int, int]] = None
+        self._geometry: Optional[ResizeGeometry] = None
 
     def push(self, rgb: np.ndarray, index: Optional[int] = None,
              timestamp: Optional[float] = None, arrival: Optional[float] = None
@@ -273,14 +273,13 @@ class NearOnlinePipeline:
         arrival = time.monotonic() if arrival is None else arrival
         if self._size is None:
             self._size = tuple(rgb.shape[:2])
-            self._resized = resize_shortest_edge_shape(self._size[0], self._size[1],
-                                                       self.s.min_size_test, self.s.max_size_test)
+            self._geometry = ResizeGeometry.of(self._size[0], self._size[1], self.s)
         elif tuple(rgb.shape[:2]) != self._size:
             from dvis_trt.errors import InputError
             raise InputError(f"frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, the stream started "
                              f"at {self._size[1]}x{self._size[0]}: one size per stream")
         # resized on arrival: a clip holds small frames (as ``run_video``)
-        self._buf.append(resize_frame(np.ascontiguousarray(rgb), *self._resized))
+        self._buf.append(resize_frame(np.ascontiguousarray(rgb), *self._geometry.resized))
         self._meta.append((index, timestamp, arrival))
         if len(self._buf) >= self.clip_frames:
             return self.flush()
@@ -290,8 +289,8 @@ class NearOnlinePipeline:
         """Close the buffered (possibly partial) clip and return its frame results."""
         if not self._buf:
             return []
-        clip, _ = self.core.process_clip(self._buf, self.hub, clip_start=self._start,
-                                         clip_index=self._clips, orig_size=self._size)
+        clip = self.core.process_clip(self._buf, self.hub, self._geometry,
+                                      clip_start=self._start, clip_index=self._clips)
         done = time.monotonic()
         out = []
         for t, (index, ts, arrival) in enumerate(self._meta):

@@ -29,13 +29,15 @@ clip scores weighted by clip length.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .bundle.config import InferenceConfig
 from .postprocess import MaskUpsampler, fg_scores, minvis_link, select_topk
-from .preprocess import normalize_and_pad, padded_shape, resize_frame, resize_shortest_edge_shape
+from .preprocess import ResizeGeometry, normalize_and_pad, resize_frame
+from .results import encode_rle_block
+from .tracing import NULL_TRACER, Tracer
 from .tracking import match_with_embeds, similarity_guided_update
 
 KICK_OUT_FRAME_NUM = 8   # official VideoInstanceCutter(kick_out_frame_num=8), not configurable
@@ -204,30 +206,6 @@ class VideoResult:
     num_tracks: int = 0
 
 
-def _encode_rle(masks: np.ndarray) -> List[List[dict]]:
-    """(S, t, H, W) bool -> S lists of t RLE dicts with str counts (pycocotools).
-
-    One ``pycocotools.mask.encode`` call for the whole block: pycocotools wants (H, W, n)
-    Fortran-ordered uint8, which is the memory of a C-ordered (n, W, H) array, so the block
-    costs one transpose copy (none when ``masks`` is already a transposed view of such an array)
-    and a zero-copy bool -> uint8 view. Same bytes as the official per-frame
-    ``mask_util.encode(np.array(m[:, :, None], order="F", dtype="uint8"))[0]``.
-    """
-    from pycocotools import mask as mask_util
-
-    s, t, h, w = masks.shape
-    if s == 0 or t == 0:
-        return [[] for _ in range(s)]
-    nwh = np.ascontiguousarray(np.asarray(masks, dtype=bool).transpose(0, 1, 3, 2))
-    fortran = nwh.reshape(s * t, w, h).view(np.uint8).transpose(2, 1, 0)   # (H, W, S*t), F order
-    rles = mask_util.encode(fortran)
-    size = [int(h), int(w)]  # one shared list: a long video holds many thousands of RLEs
-    for r in rles:
-        r["counts"] = r["counts"].decode("ascii")
-        r["size"] = size
-    return [rles[i * t:(i + 1) * t] for i in range(s)]
-
-
 class OfflinePipeline:
     """Runs videos through a bundle's stages on one backend.
 
@@ -238,11 +216,13 @@ class OfflinePipeline:
         window: frames per segmenter call and per mask-head chunk (a performance knob; results
             do not depend on it).
         upsampler: mask resizer (default :class:`MaskUpsampler`).
+        tracer: the tracing hook (:mod:`~dvis_trt.runtime.tracing`): named spans per phase
+            (default: none, no cost).
     """
 
     def __init__(self, backend, settings: InferenceConfig, constants: Dict[str, np.ndarray],
                  window: int = 5, upsampler: Optional[MaskUpsampler] = None,
-                 keep_masks: bool = False):
+                 keep_masks: bool = False, tracer: Optional[Tracer] = None):
         if window < 1:
             raise ValueError("window must be >= 1")
         self.backend = backend
@@ -253,13 +233,15 @@ class OfflinePipeline:
         self.upsampler = upsampler or MaskUpsampler()
         self.keep_masks = keep_masks
         self.timings: Dict[str, float] = {}
+        self.tracer = tracer or NULL_TRACER
 
     # ---------------------------------------------------------------- helpers
     def _run(self, stage: str, inputs: Dict[str, np.ndarray], fetch: Sequence[str], **kw):
         import time
-        t0 = time.perf_counter()
-        out = self.backend.run_resident(stage, inputs, fetch=fetch, **kw)
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+        with self.tracer.span(f"engine.{stage}"):
+            t0 = time.perf_counter()
+            out = self.backend.run_resident(stage, inputs, fetch=fetch, **kw)
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
         return out
 
     def _host(self, x) -> np.ndarray:
@@ -286,61 +268,68 @@ class OfflinePipeline:
     # ---------------------------------------------------------------- per frame
     def _track_frame(self, hub: TrackHub, frame: int, frame_embeds: np.ndarray,
                      seg_logits: np.ndarray, mask_pooled: np.ndarray, mask_features) -> None:
-        s = self.s
+        with self.tracer.span("tracker"):
+            self._track_frame_traced(hub, frame, frame_embeds, seg_logits, mask_pooled,
+                                     mask_features)
+
+    def _track_frame_traced(self, hub: TrackHub, frame: int, frame_embeds: np.ndarray,
+                            seg_logits: np.ndarray, mask_pooled: np.ndarray,
+                            mask_features) -> None:
+        s, span = self.s, self.tracer.span
         if not hub.started:
             out = self._run("tracker_first", {"frame_embeds": frame_embeds,
                                               "mask_features": mask_features},
                             fetch=("embeds", "pred_logits", "track_pos"))
             pos_key = "track_pos"
-            valid = fg_scores(seg_logits) > s.aux_inference_select_threshold
+            with span("tracker.scores"):
+                valid = fg_scores(seg_logits) > s.aux_inference_select_threshold
         else:
             n = hub.num_live
-            slot_index = match_with_embeds(np.concatenate([hub.live_embed, self.bg_slots]),
-                                           self.seg_query_feat)
+            with span("tracker.match"):
+                slot_index = match_with_embeds(np.concatenate([hub.live_embed, self.bg_slots]),
+                                               self.seg_query_feat)
             out = self._run("tracker_step", {
                 "track_queries": hub.live_embed, "track_pos": hub.live_guided,
                 "frame_embeds": frame_embeds, "mask_pooled": mask_pooled,
                 "mask_features": mask_features, "slot_index": slot_index.astype(np.int64)},
                 fetch=("embeds", "pred_logits", "slot_logits", "track_pos_out"))
             pos_key = "track_pos_out"
-            scores = fg_scores(self._host(out["pred_logits"]))
-            if s.ovis_infer:
-                fg = fg_scores(self._host(out["slot_logits"]))
-                valid = np.concatenate([
-                    (scores[:n] > s.inference_select_threshold) & (fg > s.dis_fg_threshold),
-                    scores[n:] > s.inference_select_threshold])
-            else:
-                valid = scores > s.inference_select_threshold
-        hub.update(frame, self._host(out["embeds"]), self._host(out["pred_logits"]),
-                   self._host(out[pos_key]), valid)
+            with span("tracker.scores"):
+                scores = fg_scores(self._host(out["pred_logits"]))
+                if s.ovis_infer:
+                    fg = fg_scores(self._host(out["slot_logits"]))
+                    valid = np.concatenate([
+                        (scores[:n] > s.inference_select_threshold) & (fg > s.dis_fg_threshold),
+                        scores[n:] > s.inference_select_threshold])
+                else:
+                    valid = scores > s.inference_select_threshold
+        with span("tracker.hub_update"):
+            hub.update(frame, self._host(out["embeds"]), self._host(out["pred_logits"]),
+                       self._host(out[pos_key]), valid)
 
     # ---------------------------------------------------------------- per clip
-    def process_clip(self, frames: Sequence[np.ndarray], hub: TrackHub, clip_start: int = 0,
-                     clip_index: int = 0, on_frames: Optional[Callable[[int], None]] = None,
-                     orig_size: Optional[Tuple[int, int]] = None
-                     ) -> Tuple[ClipResult, Tuple[int, int]]:
-        """Run one clip of RGB uint8 frames (H, W, 3) through all stages.
+    def process_clip(self, frames: Sequence[np.ndarray], hub: TrackHub,
+                     geometry: ResizeGeometry, clip_start: int = 0, clip_index: int = 0,
+                     on_frames: Optional[Callable[[int], None]] = None) -> ClipResult:
+        """Run one clip through all stages.
 
-        ``orig_size``: when given, ``frames`` are already resized (official resize rule) and
-        this is the original (H, W) the masks are returned at (:meth:`run_video` resizes frames
-        as they arrive, so a clip holds small frames, not 4K ones).
-
-        ``on_frames(n)`` is called after each segmenter window has been tracked, with the
-        window's frame count (progress bars). Returns the clip's instances and the resized
-        image size (h, w)."""
-        s = self.s
-        h0, w0 = orig_size if orig_size is not None else frames[0].shape[:2]
-        h, w = resize_shortest_edge_shape(h0, w0, s.min_size_test, s.max_size_test)
-        hp, wp = padded_shape(h, w, s.size_divisibility)
+        ``frames``: the clip's RGB uint8 frames, already resized to ``geometry.resized``
+        (:meth:`run_video` resizes each frame once, as it arrives, so a clip holds small frames,
+        not 4K ones); ``geometry``: the video's :class:`ResizeGeometry` (masks are returned at
+        ``geometry.orig``). ``on_frames(n)`` is called after each segmenter window has been
+        tracked, with the window's frame count (progress bars). Returns the clip's instances."""
+        s, span = self.s, self.tracer.span
+        (h0, w0), (h, w), (hp, wp) = geometry.orig, geometry.resized, geometry.padded
         t_len = len(frames)
         frame_embeds, seg_logits, mf_windows = [], [], []
         stores = self._clip_stores
         if stores:
             self.backend.begin_clip(t_len, hp, wp)
         for ws in range(0, t_len, self.window):
-            chunk = [resize_frame(np.ascontiguousarray(f), h, w) for f in frames[ws:ws + self.window]]
-            images = normalize_and_pad(chunk, s.pixel_mean, s.pixel_std, s.size_divisibility,
-                                       input_format=s.input_format)
+            chunk = frames[ws:ws + self.window]
+            with span("preprocess.normalize"):
+                images = normalize_and_pad(chunk, s.pixel_mean, s.pixel_std,
+                                           s.size_divisibility, input_format=s.input_format)
             out = self._run("segmenter", {"images": images},
                             fetch=("frame_embeds", "pred_logits", "mask_pooled"),
                             **({"frame_offset": ws} if stores else {}))
@@ -357,84 +346,97 @@ class OfflinePipeline:
         frame_embeds = np.concatenate(frame_embeds)
         seg_logits = np.concatenate(seg_logits)
 
-        # top-OFFLINE_TOPK_NUM tracks by the foreground score of their mean logits, selected
-        # before their embeds are made dense (memory: frames x topK x C, not x all tracks)
-        track_ids, _, queries = hub.clip_tracks(clip_start, t_len, s.noise_frame_num,
-                                                topk=s.offline_topk_num, rank=fg_scores)
-        ids: List[int] = [int(i) for i in track_ids]
-        num_left = s.num_new_ins - queries.shape[1]
-        if num_left > 0:
-            link_logits, link_embeds = minvis_link(frame_embeds, seg_logits)
-            order = np.argsort(-fg_scores(link_logits), kind="stable")[:num_left]
-            queries = np.concatenate([queries, link_embeds[:, order]], axis=1)
-            ids += [FILL_ID_BASE * (clip_index + 1) + j for j in range(1, len(order) + 1)]
+        with span("select"):
+            # top-OFFLINE_TOPK_NUM tracks by the foreground score of their mean logits,
+            # selected before their embeds are made dense (memory: frames x topK x C)
+            with span("select.noise_filter"):
+                track_ids, _, queries = hub.clip_tracks(clip_start, t_len, s.noise_frame_num,
+                                                        topk=s.offline_topk_num, rank=fg_scores)
+            ids: List[int] = [int(i) for i in track_ids]
+            num_left = s.num_new_ins - queries.shape[1]
+            if num_left > 0:
+                with span("select.link"):
+                    link_logits, link_embeds = minvis_link(frame_embeds, seg_logits)
+                    order = np.argsort(-fg_scores(link_logits), kind="stable")[:num_left]
+                queries = np.concatenate([queries, link_embeds[:, order]], axis=1)
+                ids += [FILL_ID_BASE * (clip_index + 1) + j for j in range(1, len(order) + 1)]
         out = self._run("refiner", {"instance_embeds": np.ascontiguousarray(queries),
                                     "frame_embeds": frame_embeds},
                         fetch=("pred_logits", "mask_embed"))
-        scores, labels, query = select_topk(self._host(out["pred_logits"]), s.max_num)
+        with span("select.topk"):
+            scores, labels, query = select_topk(self._host(out["pred_logits"]), s.max_num)
         mask_embed = self._host(out["mask_embed"])[:, query]        # (T, S, C)
 
         rles: List[List[dict]] = [[] for _ in range(len(query))]
         kept = [] if self.keep_masks else None
-        for wi, ws in enumerate(range(0, t_len, self.window)):
-            emb = np.ascontiguousarray(mask_embed[ws:ws + self.window])
-            mo = self._run("mask_head", {"mask_embed": emb, "mask_features": mf_windows[wi]},
-                           fetch=("pred_masks",))
-            logits = self._host(mo["pred_masks"])                  # (S, t, h/4, w/4)
-            for t in range(logits.shape[1]):  # one frame at a time: (S, H, W) bool at most
-                masks = self.upsampler(logits[:, t:t + 1], (hp, wp), (h, w), (h0, w0))
-                for si, block in enumerate(_encode_rle(masks)):
-                    rles[si].extend(block)
-                if kept is not None:
-                    kept.append(masks)
+        with span("finalize"):
+            for wi, ws in enumerate(range(0, t_len, self.window)):
+                emb = np.ascontiguousarray(mask_embed[ws:ws + self.window])
+                mo = self._run("mask_head", {"mask_embed": emb,
+                                             "mask_features": mf_windows[wi]},
+                               fetch=("pred_masks",))
+                logits = self._host(mo["pred_masks"])                  # (S, t, h/4, w/4)
+                for t in range(logits.shape[1]):  # one frame at a time: (S, H, W) bool at most
+                    with span("finalize.mask_resize"):
+                        masks = self.upsampler(logits[:, t:t + 1], (hp, wp), (h, w), (h0, w0))
+                    with span("finalize.rle"):
+                        for si, block in enumerate(encode_rle_block(masks)):
+                            rles[si].extend(block)
+                    if kept is not None:
+                        kept.append(masks)
         hub.end_clip(clip_start + t_len)
-        result = ClipResult(start=clip_start, length=t_len, scores=scores, labels=labels,
-                            track_ids=np.asarray(ids, np.int64)[query] if len(ids) else
-                            np.zeros((0,), np.int64),
-                            query_index=query, rles=rles,
-                            masks=np.concatenate(kept, axis=1) if kept else None,
-                            num_tracks=hub.next_id,
-                            refiner_ids=np.asarray(ids, np.int64))
-        return result, (h, w)
+        return ClipResult(start=clip_start, length=t_len, scores=scores, labels=labels,
+                          track_ids=np.asarray(ids, np.int64)[query] if len(ids) else
+                          np.zeros((0,), np.int64),
+                          query_index=query, rles=rles,
+                          masks=np.concatenate(kept, axis=1) if kept else None,
+                          num_tracks=hub.next_id,
+                          refiner_ids=np.asarray(ids, np.int64))
 
     # ---------------------------------------------------------------- whole video
     def run_video(self, frames: Iterable[np.ndarray], clip_frames: Optional[int] = None,
-                  on_frames: Optional[Callable[[int], None]] = None) -> VideoResult:
-        """Run a whole video (an iterable of RGB uint8 frames), in clips of ``clip_frames``
-        frames (None: one clip). ``on_frames(n)`` is called after each segmenter window with
-        its frame count (progress bars; the counts add up to the video's length)."""
+                  on_frames: Optional[Callable[[int], None]] = None,
+                  geometry: Optional[ResizeGeometry] = None) -> VideoResult:
+        """Run a whole video (an iterable of RGB uint8 frames of one size), in clips of
+        ``clip_frames`` frames (None: one clip). Each frame is resized once, as it arrives, with
+        the video's :class:`ResizeGeometry` (``geometry`` when it matches frame 0, else computed
+        from frame 0).
+        ``on_frames(n)`` is called after each segmenter window with its frame count (progress
+        bars; the counts add up to the video's length). Raises InputError for a frame of
+        another size than the video's."""
+        span = self.tracer.span
         hub: Optional[TrackHub] = None
         clips: List[ClipResult] = []
         buf: List[np.ndarray] = []
         start = 0
-        size = (0, 0)
+        geom = geometry
 
         def flush():
             nonlocal hub, start, buf
             if hub is None:
                 hub = TrackHub(self.seg_query_feat.shape[1], self.s.num_classes + 1)
-            res, _ = self.process_clip(buf, hub, clip_start=start, clip_index=len(clips),
-                                       on_frames=on_frames, orig_size=size)
-            clips.append(res)
+            clips.append(self.process_clip(buf, hub, geom, clip_start=start,
+                                           clip_index=len(clips), on_frames=on_frames))
             start += len(buf)
             buf = []
 
-        resized_hw = None
+        first = True
         for f in frames:
-            if resized_hw is None:
-                size = tuple(f.shape[:2])
-                resized_hw = resize_shortest_edge_shape(size[0], size[1], self.s.min_size_test,
-                                                        self.s.max_size_test)
-            elif tuple(f.shape[:2]) != size:
+            if first and (geom is None or tuple(f.shape[:2]) != geom.orig):
+                geom = ResizeGeometry.of(f.shape[0], f.shape[1], self.s)  # frame 0 decides
+            first = False
+            if tuple(f.shape[:2]) != geom.orig:
                 from dvis_trt.errors import InputError
                 raise InputError(f"frame {start + len(buf)} is {f.shape[1]}x{f.shape[0]}, frame 0 "
-                                 f"is {size[1]}x{size[0]}: all frames of a video must have one size")
-            buf.append(resize_frame(np.ascontiguousarray(f), *resized_hw))
+                                 f"is {geom.orig[1]}x{geom.orig[0]}: all frames of a video must "
+                                 "have one size")
+            with span("preprocess.resize"):
+                buf.append(resize_frame(np.ascontiguousarray(f), *geom.resized))
             if clip_frames and len(buf) >= clip_frames:
                 flush()
         if buf:
             flush()
-        return merge_clips(clips, start, size, hub.next_id if hub else 0)
+        return merge_clips(clips, start, geom.orig if geom else (0, 0), hub.next_id if hub else 0)
 
 
 def merge_clips(clips: List[ClipResult], num_frames: int, size: Tuple[int, int],

@@ -9,7 +9,8 @@ so padding is 0 *after* normalisation.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -45,6 +46,29 @@ def padded_shape(h: int, w: int, size_divisibility: int) -> Tuple[int, int]:
         d = int(size_divisibility)
         return (h + d - 1) // d * d, (w + d - 1) // d * d
     return h, w
+
+
+@dataclass(frozen=True)
+class ResizeGeometry:
+    """The sizes of one video through preprocessing, computed once per video.
+
+    Attributes:
+        orig: (H, W) of the decoded frames (what the final masks are returned at).
+        resized: (h, w) after ``ResizeShortestEdge`` (:func:`resize_shortest_edge_shape`).
+        padded: (Hp, Wp), ``resized`` padded to ``size_divisibility`` (:func:`padded_shape`).
+    """
+
+    orig: Tuple[int, int]
+    resized: Tuple[int, int]
+    padded: Tuple[int, int]
+
+    @classmethod
+    def of(cls, h0: int, w0: int, config: Any) -> "ResizeGeometry":
+        """Geometry of an (h0, w0) video under ``config`` (an
+        :class:`~dvis_trt.runtime.bundle.config.InferenceConfig`: ``min_size_test``,
+        ``max_size_test``, ``size_divisibility``). Raises InputError for an empty size."""
+        h, w = resize_shortest_edge_shape(h0, w0, config.min_size_test, config.max_size_test)
+        return cls((int(h0), int(w0)), (h, w), padded_shape(h, w, config.size_divisibility))
 
 
 def resize_frame(rgb: np.ndarray, new_h: int, new_w: int) -> np.ndarray:

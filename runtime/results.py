@@ -37,36 +37,49 @@ PathLike = Union[str, "os.PathLike[str]"]
 # RLE
 # --------------------------------------------------------------------------------------------
 
-def encode_rle(masks: np.ndarray) -> List[Dict[str, Any]]:
-    """Boolean masks -> one COCO RLE per frame (``counts`` as utf-8 ``str``).
+def encode_rle_block(masks: np.ndarray) -> List[List[Dict[str, Any]]]:
+    """(S, t, H, W) masks -> S lists of t COCO RLEs (``counts`` as ``str``): THE RLE encoder.
 
-    One vectorised ``pycocotools.mask.encode`` call on the (H, W, T) Fortran-ordered uint8
-    stack, the same bytes as the official per-frame
-    ``mask_util.encode(np.array(m[:, :, None], order="F", dtype="uint8"))[0]``.
+    One ``pycocotools.mask.encode`` call for the whole block: pycocotools wants (H, W, n)
+    Fortran-ordered uint8, which is the memory of a C-ordered (n, W, H) array, so the block
+    costs one transpose copy (none when ``masks`` is already a transposed view of such an array)
+    and a zero-copy bool -> uint8 view. Same bytes as the official per-frame
+    ``mask_util.encode(np.array(m[:, :, None], order="F", dtype="uint8"))[0]``. Non-zero is
+    foreground. The RLEs of one block share one ``size`` list ``[H, W]`` (a long video holds
+    many thousands of RLEs).
+    """
+    from pycocotools import mask as mask_util
+
+    s, t, h, w = masks.shape
+    if s == 0 or t == 0:
+        return [[] for _ in range(s)]
+    nwh = np.ascontiguousarray(np.asarray(masks, dtype=bool).transpose(0, 1, 3, 2))
+    fortran = nwh.reshape(s * t, w, h).view(np.uint8).transpose(2, 1, 0)   # (H, W, S*t), F order
+    rles = mask_util.encode(fortran)
+    size = [int(h), int(w)]
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+        r["size"] = size
+    return [rles[i * t:(i + 1) * t] for i in range(s)]
+
+
+def encode_rle(masks: np.ndarray) -> List[Dict[str, Any]]:
+    """Boolean masks of one instance -> one COCO RLE per frame (:func:`encode_rle_block`).
 
     Args:
         masks: (T, H, W) or (H, W); bool or any numeric dtype (non-zero = foreground).
     Returns:
         list of T dicts ``{"size": [H, W], "counts": str}`` (a single dict for a 2-D input is
         still returned as a 1-element list).
+    Raises:
+        ValueError: masks of another rank.
     """
-    from pycocotools import mask as mask_util
-
     m = np.asarray(masks)
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3:
         raise ValueError(f"masks must be (T, H, W) or (H, W), got shape {m.shape}")
-    if m.shape[0] == 0:
-        return []
-    stack = np.asfortranarray(np.transpose(m != 0, (1, 2, 0)).astype(np.uint8))
-    rles = mask_util.encode(stack)
-    out = []
-    for rle in rles:
-        counts = rle["counts"]
-        out.append({"size": [int(rle["size"][0]), int(rle["size"][1])],
-                    "counts": counts.decode("utf-8") if isinstance(counts, bytes) else counts})
-    return out
+    return encode_rle_block(m[None])[0]
 
 
 def decode_rle(segmentations: Sequence[Optional[Mapping[str, Any]]],

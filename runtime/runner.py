@@ -33,6 +33,7 @@ from .bundle import BundleManifest, load_constants, load_manifest
 from .inputs import VideoJob, check_outputs, overlay_paths
 from .pipeline import FILL_ID_BASE, OfflinePipeline, VideoResult
 from .postprocess import MaskUpsampler
+from .preprocess import ResizeGeometry
 from .results import InstanceTrack, ytvis_results
 from .video import VideoSource, prefetch
 
@@ -266,26 +267,24 @@ class Runner:
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
     # -- one video -----------------------------------------------------------------------------
-    def clip_cost(self, source: VideoSource):
+    def clip_cost(self, source: VideoSource, geometry: Optional[ResizeGeometry] = None):
         """The memory cost model of ``source`` on this bundle
         (:class:`~dvis_trt.runtime.memory.ClipCost`)."""
         from .memory import ClipCost
-        from .preprocess import padded_shape, resize_shortest_edge_shape
 
         c = self.manifest.config
-        h0, w0 = source.size
-        h, w = resize_shortest_edge_shape(h0, w0, c.min_size_test, c.max_size_test)
+        g = geometry or ResizeGeometry.of(source.size[0], source.size[1], c)
         weights = 0
         for st in self.manifest.stages.values():
             try:
                 weights += (self.manifest.root / st.file).stat().st_size
             except OSError:
                 pass
-        return ClipCost.for_video(c, (h0, w0), (h, w),
-                                  padded_shape(h, w, c.size_divisibility),
+        return ClipCost.for_video(c, g.orig, g.resized, g.padded,
                                   window=self.pipeline.window, weight_bytes=weights)
 
-    def auto_clip_frames(self, source: VideoSource) -> Optional[int]:
+    def auto_clip_frames(self, source: VideoSource,
+                         geometry: Optional[ResizeGeometry] = None) -> Optional[int]:
         """Clip length for ``--clip-frames auto``: None (one clip, the official behaviour)
         when the whole video fits in ``memory_gb`` (the process's peak), else the longest clip
         that does, evened out over the video (1,000 frames that fit 300 at a time: 4 clips of
@@ -294,7 +293,7 @@ class Runner:
         counts as long. Warns once when even one segmenter window exceeds the budget."""
         from .memory import plan_clip_frames
 
-        cost = self.clip_cost(source)
+        cost = self.clip_cost(source, geometry)
         n = source.num_frames
         clip, fits = plan_clip_frames(cost, self.memory_gb * (1 << 30), n,
                                       min_frames=self.pipeline.window)
@@ -313,8 +312,38 @@ class Runner:
                    overlay: Optional[PathLike] = None) -> VideoOutcome:
         """Run one opened video: pipeline, YouTube-VIS dicts, optional overlay.
 
-        Raises InputError when the video turns out to be unreadable midway (nothing of it is
-        kept) and whatever the backend raises."""
+        The steps: the video's resize geometry (once), the clip length, decode + pipeline,
+        the results on the video's timeline, the overlay. Raises InputError when the video turns
+        out to be unreadable midway (nothing of it is kept) and whatever the backend raises."""
+        geometry = ResizeGeometry.of(source.size[0], source.size[1], self.settings)
+        clip_frames = self._clip_frames_for(job, source, geometry)
+        result, stamps, slots, seconds = self._decode_and_run(job, source, geometry,
+                                                              clip_frames)
+        out = self._outcome(job, source, result, stamps, slots, seconds)
+        if overlay is not None:
+            try:
+                self.write_overlay(out, overlay)
+            except ValueError as exc:
+                raise InputError(f"cannot write the overlay '{overlay}': {exc}") from None
+        return out
+
+    def _clip_frames_for(self, job: VideoJob, source: VideoSource,
+                         geometry: ResizeGeometry) -> Optional[int]:
+        """``--clip-frames`` for this video (``auto``: from the memory model, said once)."""
+        clip_frames = self.clip_frames
+        if clip_frames == "auto":
+            clip_frames = self.auto_clip_frames(source, geometry)
+            if clip_frames is not None:
+                self.say(f"{job.name}: {source.num_frames or 'many'} frames at "
+                         f"{source.size[1]}x{source.size[0]}: processing in clips of "
+                         f"{clip_frames} frames to stay within --memory-gb {self.memory_gb:g} "
+                         "(tracks carry across clips; --clip-frames 0 for one clip)")
+        return clip_frames
+
+    def _decode_and_run(self, job: VideoJob, source: VideoSource, geometry: ResizeGeometry,
+                        clip_frames: Optional[int]):
+        """Decode in the background and run the pipeline; returns (VideoResult, timestamps,
+        timeline slots, seconds). Frames go video -> pipeline directly (resized once there)."""
         bar = self._progress(job, source.num_frames)
         stamps: List[Optional[float]] = []
         slots: List[int] = []
@@ -325,26 +354,24 @@ class Runner:
                 slots.append(int(f.index))
                 yield f.rgb
 
-        clip_frames = self.clip_frames
-        if clip_frames == "auto":
-            clip_frames = self.auto_clip_frames(source)
-            if clip_frames is not None:
-                self.say(f"{job.name}: {source.num_frames or 'many'} frames at "
-                         f"{source.size[1]}x{source.size[0]}: processing in clips of "
-                         f"{clip_frames} frames to stay within --memory-gb {self.memory_gb:g} "
-                         "(tracks carry across clips; --clip-frames 0 for one clip)")
         t0 = time.perf_counter()
         try:
             with prefetch(source, max_queue=self.prefetch_frames) as frames:
                 result = self.pipeline.run_video(
                     rgb_frames(frames), clip_frames=clip_frames,
-                    on_frames=(bar.update if bar is not None else None))
+                    on_frames=(bar.update if bar is not None else None), geometry=geometry)
         finally:
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - t0
         if result.num_frames == 0:
             raise InputError(f"'{job.path or job.name}' yielded no frames; check the file")
+        return result, stamps, slots, seconds
+
+    def _outcome(self, job: VideoJob, source: VideoSource, result: VideoResult,
+                 stamps: List[Optional[float]], slots: List[int],
+                 seconds: float) -> VideoOutcome:
+        """The video's YouTube-VIS dicts, one entry per frame of its timeline."""
         instances = [InstanceTrack(track_id=int(result.track_ids[i]),
                                    label=int(result.labels[i]), score=float(result.scores[i]),
                                    segmentations=result.segmentations[i])
@@ -352,16 +379,10 @@ class Runner:
         dicts = ytvis_results(job.video_id, instances, self.category_ids,
                               num_frames=result.num_frames)
         total = _place_on_timeline(dicts, slots, source)
-        out = VideoOutcome(job=job, source=source, result=result, results=dicts,
-                           seconds=seconds, timestamps=stamps,
-                           lost_frames=[tuple(r) for r in (source.lost_frames or ())],
-                           timeline_frames=total)
-        if overlay is not None:
-            try:
-                self.write_overlay(out, overlay)
-            except ValueError as exc:
-                raise InputError(f"cannot write the overlay '{overlay}': {exc}") from None
-        return out
+        return VideoOutcome(job=job, source=source, result=result, results=dicts,
+                            seconds=seconds, timestamps=stamps,
+                            lost_frames=[tuple(r) for r in (source.lost_frames or ())],
+                            timeline_frames=total)
 
     def write_overlay(self, out: VideoOutcome, overlay: PathLike) -> Path:
         """Write the overlay video of a finished video (decodes it again, streaming); sets

@@ -33,6 +33,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from dvis_trt.runtime.bundle.config import InferenceConfig
+from dvis_trt.runtime.tracing import NULL_TRACER, Tracer
 from dvis_trt.runtime.preprocess import preprocess_frames
 
 FILL_ID_BASE = 1_000_000
@@ -113,7 +114,8 @@ class TrackerLoop:
 @torch.no_grad()
 def track_frame(tracker: nn.Module, seg_query_feat: Tensor, s: InferenceConfig,
                 state: TrackerLoop, i: int, fe: Tensor, mf: Tensor, mp: Tensor,
-                seg_logits: Tensor) -> Tuple[Tensor, Tensor, List[Tuple[int, int, bool]]]:
+                seg_logits: Tensor, tracer: Tracer = NULL_TRACER
+                ) -> Tuple[Tensor, Tensor, List[Tuple[int, int, bool]]]:
     """One frame of the official ``VideoInstanceCutter.inference`` loop (``dvis_daq/track_module.py``).
 
     Args:
@@ -121,7 +123,8 @@ def track_frame(tracker: nn.Module, seg_query_feat: Tensor, s: InferenceConfig,
             ``query_feat.weight``; s: thresholds; state: the loop state (updated in place);
             i: frame index (0 = first frame of the video, ``resume=False``);
             fe (Q, C), mf (D, h, w), mp (Q, D), seg_logits (Q, K+1): this frame's segmenter
-            outputs.
+            outputs; tracer: spans ``engine.tracker_first`` / ``engine.tracker_step`` around the
+            tracker stage calls (:mod:`dvis_trt.runtime.tracing`).
     Returns:
         ``(embeds (n, C), logits (n, K+1), stored)``: the tracker's raw outputs of every query
         row and, for each row the hub stored this frame, ``(row, track_id, valid)`` in
@@ -130,7 +133,8 @@ def track_frame(tracker: nn.Module, seg_query_feat: Tensor, s: InferenceConfig,
     tracker.set_seg_query_feat(seg_query_feat)  # the slot branch's start features
     hub, last_ids = state.hub, state.last_ids
     if i == 0:
-        embeds, logits, pos = tracker.forward_first(fe, mf)
+        with tracer.span("engine.tracker_first"):
+            embeds, logits, pos = tracker.forward_first(fe, mf)
         seg_scores = F.softmax(seg_logits, dim=-1)[:, :-1].max(dim=-1)[0]
         valid = seg_scores > s.aux_inference_select_threshold
     else:
@@ -140,7 +144,9 @@ def track_frame(tracker: nn.Module, seg_query_feat: Tensor, s: InferenceConfig,
             fe.new_zeros((0, fe.shape[-1]))
         slot_index = cosine_hungarian_match(torch.cat([tq, tracker.bg_slots.weight]),
                                             seg_query_feat)
-        embeds, logits, slot_logits, pos = tracker.forward_step(tq, tpos, fe, mp, mf, slot_index)
+        with tracer.span("engine.tracker_step"):
+            embeds, logits, slot_logits, pos = tracker.forward_step(tq, tpos, fe, mp, mf,
+                                                                    slot_index)
         n_tq = tq.shape[0]
         scores = F.softmax(logits, dim=-1)[:, :-1].max(dim=-1)[0]
         if s.ovis_infer:
@@ -202,6 +208,8 @@ class DvisDaqOffline(nn.Module):
         self.settings = settings
         #: frames per segmenter call; the official forward hard-codes 5 (results do not depend on it)
         self.window = 5
+        #: the tracing hook (:mod:`dvis_trt.runtime.tracing`): spans per phase of ``forward``
+        self.tracer = NULL_TRACER
         self.register_buffer("pixel_mean", torch.tensor(settings.pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(settings.pixel_std).view(-1, 1, 1), False)
 
@@ -223,7 +231,8 @@ class DvisDaqOffline(nn.Module):
         outs: Dict[str, List[Tensor]] = {}
         w = max(1, int(self.window))
         for s in range(0, images.shape[0], w):
-            out = dict(zip(seg.OUTPUT_NAMES, seg(images[s:s + w])))
+            with self.tracer.span("engine.segmenter"):
+                out = dict(zip(seg.OUTPUT_NAMES, seg(images[s:s + w])))
             for k, v in out.items():
                 outs.setdefault(k, []).append(v)
         return {k: torch.cat(v, dim=0) for k, v in outs.items()}
@@ -237,7 +246,7 @@ class DvisDaqOffline(nn.Module):
         for i in range(seg["frame_embeds"].shape[0]):
             track_frame(self.tracker, self.sem_seg_head.predictor.query_feat.weight,
                         self.settings, state, i, seg["frame_embeds"][i], seg["mask_features"][i],
-                        seg["mask_pooled"][i], seg["pred_logits"][i])
+                        seg["mask_pooled"][i], seg["pred_logits"][i], self.tracer)
         return state.hub
 
     # ------------------------------------------------------------------ offline head
@@ -303,18 +312,25 @@ class DvisDaqOffline(nn.Module):
             ``num_tracks`` (tracker sequences born), ``image_size`` (H, W). S = ``MAX_NUM``
             (fewer only if there are fewer (query, class) pairs).
         """
-        s = self.settings
+        s, span = self.settings, self.tracer.span
         h0, w0 = frames[0].shape[:2]
-        images_np, (h, w) = preprocess_frames(frames, s.min_size_test, s.max_size_test,
-                                              s.pixel_mean, s.pixel_std, s.size_divisibility,
-                                              s.input_format)
-        images = torch.from_numpy(images_np)
-        seg = self.run_segmenter(images)
-        hub = self.run_tracker(seg)
-        instance_embeds, ids = self.select_instances(hub, seg)
-        pred_logits, mask_embed = self.refiner.forward_stage(instance_embeds, seg["frame_embeds"])
-        return self.finalize(pred_logits, mask_embed, seg["mask_features"], ids,
-                             images.shape[-2:], (h, w), (h0, w0), num_tracks=len(hub))
+        with span("preprocess"):
+            images_np, (h, w) = preprocess_frames(frames, s.min_size_test, s.max_size_test,
+                                                  s.pixel_mean, s.pixel_std,
+                                                  s.size_divisibility, s.input_format)
+            images = torch.from_numpy(images_np)
+        with span("segmenter"):
+            seg = self.run_segmenter(images)
+        with span("tracker"):
+            hub = self.run_tracker(seg)
+        with span("select"):
+            instance_embeds, ids = self.select_instances(hub, seg)
+        with span("refiner"), span("engine.refiner"):
+            pred_logits, mask_embed = self.refiner.forward_stage(instance_embeds,
+                                                                 seg["frame_embeds"])
+        with span("finalize"):
+            return self.finalize(pred_logits, mask_embed, seg["mask_features"], ids,
+                                 images.shape[-2:], (h, w), (h0, w0), num_tracks=len(hub))
 
     @torch.no_grad()
     def finalize(self, pred_logits: Tensor, mask_embed: Tensor, mask_features: Tensor,
@@ -331,7 +347,8 @@ class DvisDaqOffline(nn.Module):
         masks = torch.empty((len(order), mask_features.shape[0], *out_size), dtype=torch.bool)
         emb = mask_embed[:, query]  # (T, S, C)
         for t in range(mask_features.shape[0]):
-            logits_t = self.refiner.mask_head(emb[t:t + 1], mask_features[t:t + 1])[:, 0]
+            with self.tracer.span("engine.mask_head"):
+                logits_t = self.refiner.mask_head(emb[t:t + 1], mask_features[t:t + 1])[:, 0]
             up = F.interpolate(logits_t[None], size=tuple(padded_size), mode="bilinear",
                                align_corners=False)
             up = up[:, :, :image_size[0], :image_size[1]]
