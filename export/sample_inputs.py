@@ -57,22 +57,12 @@ class SampleDims:
                              f"refiner_queries ({self.refiner_queries})")
 
 
-def _normalize_rows(x: np.ndarray) -> np.ndarray:
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
-
-
 def cosine_hungarian_match(track_feats: np.ndarray, seg_feats: np.ndarray) -> np.ndarray:
-    """Official ``VideoInstanceCutter.match_with_embeds`` in numpy: cost ``1 - cos`` (norms
-    ``+ 1e-6``); every row takes its argmin, rows of the Hungarian solution its column.
-    Returns int64 (n,) row indices of ``seg_feats``."""
-    from scipy.optimize import linear_sum_assignment
+    """Official ``VideoInstanceCutter.match_with_embeds``: the runtime's
+    :func:`~dvis_trt.runtime.tracking.match_with_embeds` (one host matcher)."""
+    from dvis_trt.runtime.tracking import match_with_embeds
 
-    cost = 1.0 - _normalize_rows(np.asarray(track_feats, np.float64)) @ \
-        _normalize_rows(np.asarray(seg_feats, np.float64)).T
-    idx = cost.argmin(axis=1)
-    rows, cols = linear_sum_assignment(cost)
-    idx[rows] = cols
-    return idx.astype(np.int64)
+    return match_with_embeds(track_feats, seg_feats)
 
 
 def sample_images(frames: int, height: int, width: int,

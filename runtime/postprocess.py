@@ -19,6 +19,8 @@ from typing import Tuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from .tracking import cosine_cost
+
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax in float32 (same dtype as the engines' logits)."""
@@ -52,9 +54,7 @@ def minvis_link(frame_embeds: np.ndarray, pred_logits: np.ndarray) -> Tuple[np.n
     for i in range(1, t_len):
         tgt = linked_e[i - 1]
         cur = frame_embeds[i]
-        tgt_n = tgt / np.linalg.norm(tgt, axis=1, keepdims=True)
-        cur_n = cur / np.linalg.norm(cur, axis=1, keepdims=True)
-        cost = 1.0 - cur_n @ tgt_n.T          # (current, target)
+        cost = cosine_cost(cur, tgt, eps=0.0)   # (current, target), norms without epsilon
         idx = linear_sum_assignment(cost.T)[1]  # for each target, the current query
         linked_e[i] = cur[idx]
         linked_l[i] = pred_logits[i][idx]

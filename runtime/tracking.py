@@ -1,5 +1,8 @@
 """Host-side (numpy) pieces of DVIS-DAQ's referring tracker. No torch here.
 
+* :func:`cosine_cost` - ``1 - cosine`` between two sets of rows: THE cost of every host-side
+  Hungarian match (slot branch here, the frame-by-frame link in
+  :func:`~dvis_trt.runtime.postprocess.minvis_link`, ``check``'s sample inputs).
 * :func:`match_with_embeds` - the slot branch's query matching (official
   ``VideoInstanceCutter.match_with_embeds``, ``dvis_daq/track_module.py``); its result is the
   ``slot_index`` input of the ``tracker_step`` stage.
@@ -12,6 +15,19 @@ from typing import Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+
+
+def cosine_cost(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """``1 - cos`` of every row pair: (n, C) x (m, C) -> (n, m), in ``a``'s float dtype.
+
+    Rows are L2-normalised as ``x / (||x|| + eps)`` (official ``match_with_embeds`` uses
+    ``eps = 1e-6``; ``minvis_post_processing``'s ``match_from_embds`` none, ``eps = 0``).
+    """
+    one = a.dtype.type(1.0)
+    e = a.dtype.type(eps)
+    an = a / (np.linalg.norm(a, axis=1, keepdims=True) + e)
+    bn = b / (np.linalg.norm(b, axis=1, keepdims=True) + e)
+    return one - an @ bn.T
 
 
 def match_with_embeds(trc_feats: np.ndarray, seg_feats: np.ndarray) -> np.ndarray:
@@ -44,11 +60,7 @@ def match_with_embeds(trc_feats: np.ndarray, seg_feats: np.ndarray) -> np.ndarra
         raise ValueError("match_with_embeds: non-finite values in the query features")
     if trc.shape[0] == 0:
         return np.zeros((0,), dtype=np.int64)
-    one = np.float32(1.0)
-    eps = np.float32(1e-6)
-    trc = trc / (np.linalg.norm(trc, axis=1, keepdims=True) + eps)
-    seg = seg / (np.linalg.norm(seg, axis=1, keepdims=True) + eps)
-    cost = one - trc @ seg.T                                   # n, Q float32
+    cost = cosine_cost(trc, seg, eps=1e-6)                     # n, Q float32
     out = np.argmin(cost, axis=1).astype(np.int64)
     rows, cols = linear_sum_assignment(cost)
     out[rows] = cols
