@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from dvis_trt.errors import DependencyError, InputError
+from dvis_trt.fileio import atomic_output
 from dvis_trt.plugins import identity
 
 __all__ = ["KEEP_FP32_OP_TYPES", "MSDA_OP_TYPES", "PrecisionReport", "kept_fp32_nodes",
@@ -351,15 +352,8 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, precision: str,
     model = onnx.load(str(src))
     out, report = convert_precision(model, precision, **kwargs)
     dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        large = out.ByteSize() > 2_000_000_000
-        onnx.save(out, tmp, save_as_external_data=large,
+    large = out.ByteSize() > 2_000_000_000
+    with atomic_output(dst) as tmp:
+        onnx.save(out, str(tmp), save_as_external_data=large,
                   location=dst.name + ".data" if large else None)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return report
