@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                                    "ratio_longest_over_shortest": ratio,
                                    "under_budget": all(max(r["peak_rss_mib"]) <= gb * 1024
                                                        for r in rows)}
-    print(f"\n| bundle | --memory-gb | " + " | ".join(f"{n} frames" for n in lengths)
+    print("\n| bundle | --memory-gb | " + " | ".join(f"{n} frames" for n in lengths)
           + " | longest/shortest |")
     print("|---|---|" + "---|" * len(lengths) + "---|")
     for name, b in report["bundles"].items():
