@@ -490,7 +490,7 @@ def _class_names(cfg: Config, num_classes: int) -> Optional[List[str]]:
 
 
 def inference_values(cfg: Config) -> Dict[str, Any]:
-    """The ``config`` block of the bundle manifest (INTERFACES.md): what inference needs.
+    """The ``config`` block of the bundle manifest (docs/architecture.md): what inference needs.
 
     Keys: ``source``, ``num_classes`` (K, MODEL.SEM_SEG_HEAD.NUM_CLASSES), ``num_queries``
     (MASK_FORMER.NUM_OBJECT_QUERIES), ``hidden_dim``, ``mask_dim`` (SEM_SEG_HEAD.MASK_DIM),

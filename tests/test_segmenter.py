@@ -1,6 +1,6 @@
 """Tests of the segmenter stage (``export/model/segmenter.py``).
 
-The backbone and pixel decoder are small stand-ins with the INTERFACES.md contract, so these
+The backbone and pixel decoder are small stand-ins with the stage contract of runtime/bundle/stages.py, so these
 tests check the stage's wiring, the mask pooling and the export, not the other modules.
 """
 from __future__ import annotations
