@@ -21,9 +21,9 @@ def _copy_sources(dst):
 def test_cache_dir_keyed_by_content_and_location(tmp_path, monkeypatch):
     monkeypatch.setenv("DVIS_TRT_CACHE_DIR", str(tmp_path / "cache"))
     a, b = _copy_sources(tmp_path / "a"), _copy_sources(tmp_path / "b")
-    monkeypatch.setattr(plugins, "source_dir", lambda: a)
+    monkeypatch.setattr(plugins.library, "source_dir", lambda: a)
     da = plugins.cache_dir()
-    monkeypatch.setattr(plugins, "source_dir", lambda: b)
+    monkeypatch.setattr(plugins.library, "source_dir", lambda: b)
     db = plugins.cache_dir()
     assert da != db and da.parent == db.parent == tmp_path / "cache" / "plugins"
     assert da.name.split("-")[0] == db.name.split("-")[0]      # same content hash
@@ -33,15 +33,15 @@ def test_cache_dir_keyed_by_content_and_location(tmp_path, monkeypatch):
 
 def test_foreign_cmake_cache_is_reset(tmp_path, monkeypatch):
     a = _copy_sources(tmp_path / "a")
-    monkeypatch.setattr(plugins, "source_dir", lambda: a)
+    monkeypatch.setattr(plugins.library, "source_dir", lambda: a)
     bdir = tmp_path / "build"
     (bdir / "CMakeFiles").mkdir(parents=True)
     (bdir / "libdvis_msda_cpu.so").write_bytes(b"x")
     (bdir / "CMakeCache.txt").write_text(f"CMAKE_HOME_DIRECTORY:INTERNAL={a}\n")
-    plugins._reset_foreign_cmake_cache(bdir)                  # ours: kept
+    plugins.library._reset_foreign_cmake_cache(bdir)                  # ours: kept
     assert (bdir / "CMakeCache.txt").exists()
     (bdir / "CMakeCache.txt").write_text("CMAKE_HOME_DIRECTORY:INTERNAL=/gone/checkout/plugins\n")
-    plugins._reset_foreign_cmake_cache(bdir)                  # a moved/deleted checkout's
+    plugins.library._reset_foreign_cmake_cache(bdir)                  # a moved/deleted checkout's
     assert not (bdir / "CMakeCache.txt").exists() and not (bdir / "CMakeFiles").exists()
     assert (bdir / "libdvis_msda_cpu.so").exists()            # only CMake's own files go
 
@@ -54,7 +54,7 @@ def test_two_checkouts_build_into_one_shared_folder(tmp_path, monkeypatch):
     shared = tmp_path / "shared_build"
     for name in ("a", "b"):
         src = _copy_sources(tmp_path / name)
-        monkeypatch.setattr(plugins, "source_dir", lambda src=src: src)
+        monkeypatch.setattr(plugins.library, "source_dir", lambda src=src: src)
         res = plugins.build(shared, cuda="off", trt="off", targets=["dvis_msda_cpu"])
         assert "cpu" in res.libraries
         shutil.rmtree(src)
