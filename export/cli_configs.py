@@ -26,7 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the table (or one resolved config). Returns 0."""
+    """Print the table (or one resolved config). Returns 0. Raises DependencyError (one line)
+    where the YAML reader (the export extra) is not installed."""
+    from dvis_trt.runtime.extras import require
+
+    require("yaml", "configs", " to read the packaged configs")
     from .named_configs import describe_all, load_named_config
 
     if args.show:

@@ -22,6 +22,7 @@ EXTRA_OF = {
     "onnx": ("export", "onnx"),
     "onnxscript": ("export", "onnxscript"),
     "onnx_graphsurgeon": ("export", "onnx-graphsurgeon"),
+    "yaml": ("export", "PyYAML"),  # the config reader is export's: the edge install has none
     "polygraphy": ("engine", "Polygraphy"),
     "tensorrt": ("engine", "TensorRT"),
     "cuda": ("engine", "cuda-python"),
