@@ -90,6 +90,16 @@ def _graph_nodes(stage):
             n("MatMul", ["instance_embeds", "w_me"], ["mask_embed"]),
         ]
         inits = [_w("w_cls", (C, K + 1), 8), _w("w_me", (C, C), 9)]
+    elif stage == "tracker_masks":  # online mode: embeds (tM, C) . mask_features (D, h, w)
+        nodes = [
+            n("Shape", ["embeds"], ["s_e"], start=0, end=1),                      # [tM]
+            n("Shape", ["mask_features"], ["s_mf"], start=1, end=3),              # [h, w]
+            n("Reshape", ["mask_features", "shape_flat"], ["mf_flat"]),           # (D, h*w)
+            n("MatMul", ["embeds", "mf_flat"], ["m"]),                            # (tM, h*w)
+            n("Concat", ["s_e", "s_mf"], ["s_out"], axis=0),
+            n("Reshape", ["m", "s_out"], ["pred_masks"]),                         # (tM, h, w)
+        ]
+        inits = [_i64("shape_flat", [0, -1])]
     else:  # mask_head
         nodes = [
             n("Shape", ["mask_embed"], ["s_me"], start=0, end=2),                 # [t, Qs]
@@ -109,7 +119,7 @@ def _dim(d):
 
 
 def tiny_bundle(folder, msda="plugin"):
-    """Write the five tiny stage graphs + manifest into ``folder``; returns the manifest."""
+    """Write the tiny stage graphs (every stage of ``stage_specs``, online ``tracker_masks`` too) + manifest into ``folder``; returns the manifest."""
     specs = M.stage_specs(Q, C, K, N, S)
     stages = {}
     for name, (ins, outs) in specs.items():
@@ -142,6 +152,7 @@ def sample_inputs(rng, tq=3, t=2, hp=64, wp=96, L=5, qs=2, frames=2):
                          "slot_index": rng.integers(0, Q, size=tq + S).astype(np.int64)},
         "refiner": {"instance_embeds": f(L, N, C), "frame_embeds": f(L, Q, C)},
         "mask_head": {"mask_embed": f(t, qs, C), "mask_features": f(t, C, h, w)},
+        "tracker_masks": {"embeds": f(tq + N, C), "mask_features": f(C, h, w)},
     }
 
 
