@@ -98,5 +98,8 @@ def build_eager_model(manifest, opts: BenchOptions):
     return model
 
 
-def _row_key(backend: str, msda: str, multi: bool) -> str:
-    return f"{backend}[msda={msda}]" if multi and backend != "torch" else backend
+def _row_key(backend: str, msda: str, multi: bool, precision: str = "fp32") -> str:
+    if not multi or backend == "torch":
+        return backend
+    return f"{backend}[msda={msda}]" if precision == "fp32" else \
+        f"{backend}[msda={msda},{precision}]"

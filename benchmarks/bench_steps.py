@@ -24,7 +24,8 @@ from dvis_trt.runtime.extras import have, missing_message
 from dvis_trt.runtime.preprocess import ResizeGeometry
 
 from .bench_options import BenchOptions, _row_key, build_eager_model
-from .parity import LOWP_BACKENDS, LOWP_PARITY, compare_instances
+from .parity import (LOWP_BACKENDS, LOWP_PARITY, LOWP_PRECISIONS, accuracy_parity,
+                     compare_instances)
 from .runners import (BACKENDS, ENGINE_STAGES, SCHEMA, STAGE_GROUPS, BackendUnavailable,
                       EagerRunner, PipelineRunner, RunOutput, alternate, decode_video,
                       make_pipeline_runner)
@@ -165,7 +166,8 @@ def build_runners(state: "BenchRun") -> None:
         for mi, man in enumerate(manifests):
             if b == "torch" and mi > 0:
                 continue
-            key = _row_key(b, man.msda, multi)
+            key = _row_key(b, man.msda, multi, "fp32" if b.startswith("torch") else
+                           man.precision)
             rows[key] = {"backend": b, "msda": None if b == "torch" else man.msda,
                          "bundle": str(man.root), "description": BACKENDS[b]}
             try:
@@ -230,8 +232,21 @@ def warm_up_and_capture(state: "BenchRun") -> None:
 def parity(state: "BenchRun") -> None:
     """Each row's instances against the eager baseline's (a mismatch makes the row invalid)."""
     log, opts, outputs, ref_out, rows = state.log, state.opts, state.outputs, state.ref_out, state.rows
+    multi = len({r.get("bundle") for r in rows.values()}) > 1
     for key, out in outputs.items():
         row = rows[key]
+        if row.get("precision") in LOWP_PRECISIONS:
+            # a reduced-precision bundle is judged against its fp32 twin in this run (the
+            # accuracy report), else against the eager baseline
+            twin = _row_key(row["backend"], row["msda"], multi)
+            ref = outputs[twin] if twin in outputs and twin != key else ref_out
+            if ref is not None:
+                row["parity"] = accuracy_parity(ref.instances, out.instances)
+                row["parity"]["against"] = twin if ref is not ref_out else "torch"
+                row["valid"] = bool(row["parity"]["ok"])
+                log(f"{key}: accuracy vs {row['parity']['against']}: "
+                    f"{row['parity']['accuracy']['verdict']}")
+                continue
         if ref_out is None:
             row["parity"] = {"ok": None, "reason": "no eager baseline"}
             row["valid"] = None
@@ -285,9 +300,12 @@ def timed_rounds(state: "BenchRun") -> None:
             return out.wall
         return go
 
-    timed = [k for k in runners if rows[k].get("valid") is not False]
+    # reduced-precision rows are timed whatever their accuracy verdict (a trade-off the report
+    # states, not a wrong graph); other rows only when they match the baseline
+    timed = [k for k in runners if rows[k].get("valid") is not False
+             or rows[k].get("precision") in LOWP_PRECISIONS]
     for k in runners:
-        if rows[k].get("valid") is False:
+        if k not in timed:
             rows[k]["timing"] = "not reported: output differs from the eager baseline"
     if timed:
         log(f"timed rounds: {opts.repeats} x {', '.join(timed)} (alternating order)")
@@ -341,6 +359,16 @@ def summarize_rows(state: "BenchRun") -> None:
                     **ratio_summary([a / b for a, b in zip(walls["torch"], walls[k])]),
                     # on a shared machine the fastest round of each is the least disturbed one
                     "of_fastest": min(walls["torch"]) / min(walls[k])}
+    # a reduced-precision bundle against its fp32 twin (same backend and MSDA mode)
+    multi = len({r.get("bundle") for r in rows.values()}) > 1
+    for k in timed:
+        prec = rows[k].get("precision")
+        twin = _row_key(rows[k]["backend"], rows[k]["msda"], multi)
+        if prec in LOWP_PRECISIONS and twin in walls and twin != k:
+            ratios[f"{k} vs {twin}"] = {
+                "metric": f"speedup = {twin} wall / row wall, per round",
+                **ratio_summary([a / b for a, b in zip(walls[twin], walls[k])]),
+                "of_fastest": min(walls[twin]) / min(walls[k])}
     state.nf = nf
     state.ratios = ratios
 

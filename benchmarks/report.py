@@ -156,6 +156,12 @@ def markdown(rec: Mapping[str, Any]) -> str:
             ptxt = "unchecked"
         elif key == "torch":
             ptxt = "baseline"
+        elif par.get("accuracy"):
+            a = par["accuracy"]
+            ptxt = (f"accuracy OK: {100 * a['matched_fraction']:.0f} % matched, labels "
+                    f"{100 * a['label_agreement']:.0f} %, IoU mean {a['mask_iou_mean']:.3f} "
+                    f"(worst {a['mask_iou_worst']:.3f}), Δscore ≤ "
+                    f"{_f(a['score_delta_max'], '.1e')}")
         else:
             ptxt = (f"OK ({par.get('instances')} inst., IoU ≥ {_f(par.get('min_iou'), '.3f')}, "
                     f"Δscore ≤ {_f(par.get('max_score_diff'), '.1e')})")
@@ -170,6 +176,13 @@ def markdown(rec: Mapping[str, Any]) -> str:
                      f"{row['engine_s']['p50']:.2f} | {row['host_s']['p50']:.2f} | "
                      f"{_f((row.get('cpu_util') or {}).get('p50'))} | "
                      f"{_f(mem.get('peak_rss_mb'), '.0f')} | {rtxt} |")
+    other = {k: r for k, r in ratios.items() if not k.endswith(" vs torch")}
+    if other:  # reduced-precision bundles against their fp32 twin, same rounds
+        lines.append("")
+        for k, r in other.items():
+            lines.append(f"- end to end, {k}: {r['min']:.2f} / **{r['median']:.2f}** / "
+                         f"{r['max']:.2f} (min / median / max over rounds; fastest rounds "
+                         f"{r.get('of_fastest', float('nan')):.2f})")
     # ---- stage groups
     timed = {k: r for k, r in rec["e2e"].items() if "groups_s" in r}
     if timed:

@@ -221,3 +221,26 @@ def test_synthetic_scene_motions():
     assert area[t // 2].sum() < 0.9 * area[0].sum()
     with pytest.raises(ValueError):
         render_scene(2, size, motion="spiral")
+
+
+def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, tiny_checkpoint, demo_mp4,
+                                          tmp_path):
+    pytest.importorskip("torch")
+    from dvis_trt.runtime.cli import main
+
+    out = tmp_path / "bench"
+    main(["bench", str(tiny_bundle), str(int8_bundle[0].root), str(demo_mp4.path),
+          "--checkpoint", str(tiny_checkpoint), "--backends", "ort", "--frames", "8",
+          "--warmup", "1", "--repeats", "1", "--no-stages", "--no-flops", "--memory", "off",
+          "--gemm-seconds", "0.05", "--gemm-sizes", "128", "--out", str(out), "--quiet"])
+    rec = json.loads((out / "bench.json").read_text())["runs"][-1]
+    fp32, int8 = rec["e2e"]["ort[msda=onnx]"], rec["e2e"]["ort[msda=onnx,int8]"]
+    assert fp32["precision"] == "fp32" and int8["precision"] == "int8"
+    acc = int8["parity"]["accuracy"]                  # the accuracy report, not fp32 bounds
+    assert acc["verdict"].startswith(("PASS", "FAIL")) and 0 <= acc["matched_fraction"] <= 1
+    assert int8["valid"] == acc["verdict"].startswith("PASS")
+    md = (out / "bench.md").read_text()
+    assert "ort[msda=onnx,int8]" in md
+    if int8["valid"]:
+        assert "ort[msda=onnx,int8] vs ort[msda=onnx]" in rec["ratios"]
+        assert "accuracy OK" in md
