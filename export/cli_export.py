@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                 manifest, _ = quantize_bundle(
                     fp32_dir, out, args.calibration, num_frames=args.calibration_frames,
                     tool=args.quant_tool, validation=args.validation,
-                    report=not args.no_report, progress=say)
+                    report=not args.no_report, exclude=args.exclude, progress=say)
             else:
                 from dvis_trt.runtime.accuracy import REPORT_FILE, compare_bundles, write_report
                 manifest = export_from_checkpoint(args.config_file, args.checkpoint, out,

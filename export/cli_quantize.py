@@ -39,6 +39,10 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -
                         help="Q/DQ insertion and calibration: 'ort' ONNX Runtime's static "
                              "quantizer (default; fast in ORT CPU and accepted by TensorRT), "
                              "'modelopt' NVIDIA ModelOpt ONNX PTQ")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="REGEX",
+                        help="also keep fp32 the Conv/MatMul nodes whose ONNX name matches one of "
+                             "these regular expressions (e.g. 'pixel_decoder/' or 'backbone/res5'; "
+                             "default: none beyond the built-in sensitive parts)")
     parser.add_argument("--no-report", action="store_true",
                         help="skip the accuracy report (accuracy.json) against fp32")
 
@@ -69,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
     manifest, report = quantize_bundle(
         args.bundle, args.output, args.calibration, num_frames=args.calibration_frames,
         tool=args.quant_tool, validation=args.validation, report=not args.no_report,
-        threads=args.threads, progress=lambda line: print(line, flush=True))
+        threads=args.threads, exclude=args.exclude, progress=lambda line: print(line, flush=True))
     print(f"done in {time.perf_counter() - t0:.1f} s: int8 bundle in {manifest.root}")
     return 0

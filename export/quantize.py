@@ -455,7 +455,7 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
                     num_frames: int = DEFAULT_CALIBRATION_FRAMES, tool: str = "ort",
                     validation: Optional[Sequence[os.PathLike | str]] = None,
                     report: bool = True, threads: Optional[int] = None,
-                    force: Sequence[str] = (),
+                    exclude: Sequence[str] = (), force: Sequence[str] = (),
                     progress: Optional[Callable[[str], None]] = None):
     """Write an int8 copy of the fp32 ``bundle`` to ``output`` (the source is not modified).
 
@@ -465,7 +465,8 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
     sha256 of the samples), the tool and what was kept fp32 (``producer.quantization``). With
     ``report``, the accuracy report against ``bundle`` on ``validation`` (default: the
     calibration videos) is written to ``output/accuracy.json``
-    (:mod:`dvis_trt.runtime.accuracy`) and its verdict printed.
+    (:mod:`dvis_trt.runtime.accuracy`) and its verdict printed. ``exclude``: more node-name
+    regular expressions to keep fp32 (like ModelOpt's ``--nodes_to_exclude``).
 
     Returns ``(manifest, report_or_None)``. Raises InputError (not an fp32 bundle, a
     ``trt-builtin`` bundle, a bad output folder, no calibration frames), BundleError,
@@ -512,7 +513,8 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
                 continue
             t1 = time.perf_counter()
             path = tmp / src_manifest.stages[stage].file
-            rep = quantize_model(path, path, cal.samples, tool=tool, force=force)
+            rep = quantize_model(path, path, cal.samples, tool=tool, extra_exclude=exclude,
+                                 force=force)
             reports[stage] = rep.to_dict()
             say(f"{stage}: {rep.summary()} in {time.perf_counter() - t1:.1f} s")
         producer = dict(src_manifest.producer)

@@ -322,7 +322,7 @@ def compare_bundles(candidate: os.PathLike | str, reference: os.PathLike | str,
 
 def write_report(report: AccuracyReport, path: os.PathLike | str) -> Path:
     """Write ``report.to_dict()`` as JSON atomically; returns the path."""
-    from dvis_trt.runtime.results import atomic_write_json  # noqa: PLC0415
+    from dvis_trt.fileio import atomic_write_json  # noqa: PLC0415
     return atomic_write_json(Path(path), _finite(report.to_dict()), indent=2)
 
 
