@@ -232,7 +232,7 @@ def warm_up_and_capture(state: "BenchRun") -> None:
 def parity(state: "BenchRun") -> None:
     """Each row's instances against the eager baseline's (a mismatch makes the row invalid)."""
     log, opts, outputs, ref_out, rows = state.log, state.opts, state.outputs, state.ref_out, state.rows
-    multi = len({r.get("bundle") for r in rows.values()}) > 1
+    multi = state.multi
     for key, out in outputs.items():
         row = rows[key]
         if row.get("precision") in LOWP_PRECISIONS:
@@ -360,7 +360,7 @@ def summarize_rows(state: "BenchRun") -> None:
                     # on a shared machine the fastest round of each is the least disturbed one
                     "of_fastest": min(walls["torch"]) / min(walls[k])}
     # a reduced-precision bundle against its fp32 twin (same backend and MSDA mode)
-    multi = len({r.get("bundle") for r in rows.values()}) > 1
+    multi = state.multi
     for k in timed:
         prec = rows[k].get("precision")
         twin = _row_key(rows[k]["backend"], rows[k]["msda"], multi)

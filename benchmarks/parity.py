@@ -116,3 +116,22 @@ def compare_instances(ref: Instances, got: Instances, iou_min: float = FP32_PARI
     else:
         out.update(ok=True, reason=None)
     return out
+
+
+#: bundle precisions whose rows are judged by the accuracy report (dvis_trt.runtime.accuracy)
+LOWP_PRECISIONS = ("int8", "fp16", "bf16")
+
+
+def accuracy_parity(ref: "Instances", got: "Instances") -> Dict[str, Any]:
+    """Parity of a reduced-precision bundle's row (int8 / fp16 / bf16): the accuracy report's
+    figures and verdict (:mod:`dvis_trt.runtime.accuracy`, thresholds there) instead of the
+    fp32 bounds, which such a bundle is not meant to meet."""
+    from dvis_trt.runtime.accuracy import InstanceSet, compare_instances as accuracy
+    rep = accuracy(InstanceSet(ref.masks, ref.labels, ref.scores),
+                   InstanceSet(got.masks, got.labels, got.scores))
+    d = rep.to_dict()
+    return {"ok": rep.passed, "reason": None if rep.passed else d["verdict"],
+            "accuracy": {k: d[k] for k in ("verdict", "matched_fraction", "label_agreement",
+                                           "mask_iou_mean", "mask_iou_worst",
+                                           "score_delta_max", "thresholds")},
+            "instances": int(len(got.scores)), "ref_instances": int(len(ref.scores))}

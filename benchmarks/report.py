@@ -146,7 +146,7 @@ def markdown(rec: Mapping[str, Any]) -> str:
             lines.append(f"| {key} | skipped: {row['skipped']} | | | | | | | | |")
             continue
         par = row.get("parity", {})
-        if row.get("valid") is False:
+        if row.get("valid") is False and not par.get("accuracy"):
             lines.append(f"| {key} | **INVALID**: {par.get('reason')} | not reported | | | | | "
                          "| | |")
             continue
@@ -158,7 +158,8 @@ def markdown(rec: Mapping[str, Any]) -> str:
             ptxt = "baseline"
         elif par.get("accuracy"):
             a = par["accuracy"]
-            ptxt = (f"accuracy OK: {100 * a['matched_fraction']:.0f} % matched, labels "
+            ptxt = (f"accuracy {'OK' if par.get('ok') else '**FAIL**'} vs "
+                    f"{par.get('against', 'torch')}: {100 * a['matched_fraction']:.0f} % matched, labels "
                     f"{100 * a['label_agreement']:.0f} %, IoU mean {a['mask_iou_mean']:.3f} "
                     f"(worst {a['mask_iou_worst']:.3f}), Δscore ≤ "
                     f"{_f(a['score_delta_max'], '.1e')}")

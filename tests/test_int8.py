@@ -239,8 +239,9 @@ def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, tiny_checkpo
     acc = int8["parity"]["accuracy"]                  # the accuracy report, not fp32 bounds
     assert acc["verdict"].startswith(("PASS", "FAIL")) and 0 <= acc["matched_fraction"] <= 1
     assert int8["valid"] == acc["verdict"].startswith("PASS")
+    assert int8["parity"]["against"] == "ort[msda=onnx]"    # judged against its fp32 twin
+    # timed whatever the verdict, with its ratio against the fp32 twin of the same rounds
+    assert "wall_s" in int8 and "ort[msda=onnx,int8] vs ort[msda=onnx]" in rec["ratios"]
     md = (out / "bench.md").read_text()
     assert "ort[msda=onnx,int8]" in md
-    if int8["valid"]:
-        assert "ort[msda=onnx,int8] vs ort[msda=onnx]" in rec["ratios"]
-        assert "accuracy OK" in md
+    assert ("accuracy OK vs" in md) == int8["valid"] and "matched" in md
