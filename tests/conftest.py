@@ -39,6 +39,20 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ort_graph_cache(tmp_path_factory):
+    """ONNX Runtime's optimized-graph cache (on by default) goes to a temporary folder, not
+    the user's cache."""
+    import os
+    old = os.environ.get("DVIS_TRT_ORT_GRAPH_CACHE")
+    os.environ["DVIS_TRT_ORT_GRAPH_CACHE"] = str(tmp_path_factory.mktemp("ort_graphs"))
+    yield
+    if old is None:
+        os.environ.pop("DVIS_TRT_ORT_GRAPH_CACHE", None)
+    else:
+        os.environ["DVIS_TRT_ORT_GRAPH_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
     """ONNX bundle (``--msda onnx``) exported from :func:`tiny_checkpoint` (~15 s, once)."""

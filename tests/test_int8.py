@@ -245,3 +245,27 @@ def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, tiny_checkpo
     md = (out / "bench.md").read_text()
     assert "ort[msda=onnx,int8]" in md
     assert ("accuracy OK vs" in md) == int8["valid"] and "matched" in md
+
+
+def test_ort_graph_cache_hit_gives_identical_outputs(tiny_bundle, tmp_path, monkeypatch):
+    from dvis_trt.runtime.backends.ort_backend import OrtBackend, default_graph_cache
+    from dvis_trt.runtime.bundle import load_manifest
+
+    monkeypatch.setenv("DVIS_TRT_ORT_GRAPH_CACHE", "off")
+    assert default_graph_cache() is None
+    monkeypatch.setenv("DVIS_TRT_ORT_GRAPH_CACHE", str(tmp_path / "g"))
+    assert default_graph_cache() == str(tmp_path / "g")
+    m = load_manifest(tiny_bundle)
+    x = np.random.default_rng(0).standard_normal((2, 3, 96, 160)).astype(np.float32)
+    outs, hits = [], []
+    for cache in (None, "auto", "auto"):
+        b = OrtBackend("cpu", threads=1, graph_cache=cache)
+        b.load_all(m)
+        outs.append(b.run("segmenter", {"images": x}))
+        hits.append({k: v[1] for k, v in b.session_seconds.items()})
+        b.close()
+    assert not any(hits[0].values()) and not any(hits[1].values()) and all(hits[2].values())
+    assert len(list((tmp_path / "g").glob("*.ort.onnx"))) == len(m.stages)
+    assert not list((tmp_path / "g").glob("*.tmp-*"))
+    for k in outs[0]:
+        np.testing.assert_array_equal(outs[2][k], outs[0][k])

@@ -20,7 +20,7 @@ import numpy as np
 from dvis_trt.errors import BundleError, DependencyError, InputError
 from .base import Backend, check_inputs
 
-__all__ = ["OrtBackend", "PROVIDER_NAMES", "resolve_providers"]
+__all__ = ["OrtBackend", "PROVIDER_NAMES", "resolve_providers", "default_graph_cache"]
 
 #: Graph optimizers disabled for int8 bundles (must match dvis_trt.export.quantize).
 INT8_DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
@@ -70,6 +70,20 @@ def resolve_providers(providers: Union[str, Sequence[str], None] = "auto") -> li
     return out
 
 
+def default_graph_cache() -> Optional[str]:
+    """Folder of ORT's optimized stage graphs: ``$DVIS_TRT_ORT_GRAPH_CACHE`` (``0`` / ``off``
+    disables the cache), else ``<user cache>/ort-graphs`` (the user cache is
+    ``$DVIS_TRT_CACHE_DIR``, else ``$XDG_CACHE_HOME/dvis_trt``, else ``~/.cache/dvis_trt``)."""
+    env = os.environ.get("DVIS_TRT_ORT_GRAPH_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "no", "false") else env
+    base = os.environ.get("DVIS_TRT_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = os.path.join(xdg or os.path.join(os.path.expanduser("~"), ".cache"), "dvis_trt")
+    return os.path.join(os.path.expanduser(base), "ort-graphs")
+
+
 class OrtBackend(Backend):
     """Runs bundle stages in ONNX Runtime sessions (one per stage).
 
@@ -81,13 +95,18 @@ class OrtBackend(Backend):
             or ``"disable"``.
         plugin_library: not needed normally; a custom-op library path to register in addition
             (e.g. a locally built one) on every session.
+        graph_cache: folder where the graph ORT optimizes at session creation is kept, so the
+            next session of the same stage file on this machine loads it as is (R50: see
+            docs/benchmarks.md, "Time to first result"); ``"auto"`` (default):
+            :func:`default_graph_cache`; None: no cache. CPU provider only.
     """
 
     name = "ort"
 
     def __init__(self, providers: Union[str, Sequence[str], None] = "auto", *,
                  threads: Optional[int] = None, optimization: str = "all",
-                 plugin_library: Optional[Union[str, os.PathLike]] = None):
+                 plugin_library: Optional[Union[str, os.PathLike]] = None,
+                 graph_cache: Optional[Union[str, os.PathLike]] = "auto"):
         ort = _ort()
         self.providers = resolve_providers(providers)
         if threads is not None and int(threads) < 1:
@@ -102,6 +121,10 @@ class OrtBackend(Backend):
         self.threads = None if threads is None else int(threads)
         self._level = levels[optimization]
         self.plugin_library = None if plugin_library is None else os.fspath(plugin_library)
+        self.graph_cache = default_graph_cache() if graph_cache == "auto" else \
+            (None if graph_cache is None else os.fspath(graph_cache))
+        #: seconds each stage's session took to create, and whether it came from the cache
+        self.session_seconds: Dict[str, Tuple[float, bool]] = {}
         self._sessions: Dict[str, "object"] = {}
         self._specs: Dict[str, object] = {}
         self._outputs: Dict[str, Tuple[str, ...]] = {}
@@ -132,6 +155,25 @@ class OrtBackend(Backend):
             so.register_custom_ops_library(self.plugin_library)
         return so
 
+    def _graph_cache_paths(self, stage_name: str, manifest):
+        """(cached optimized graph, or None) for ``graph_cache``: the graph ORT produced at
+        session creation (all optimizations applied, hardware-specific layouts included), keyed
+        by the stage file's sha256, the ORT version, the optimization level and this CPU."""
+        if self.graph_cache is None or self.providers != ["CPUExecutionProvider"]:
+            return None
+        import hashlib  # noqa: PLC0415
+        import platform  # noqa: PLC0415
+        try:
+            with open("/proc/cpuinfo", "r", encoding="utf-8") as f:
+                cpu = next((ln for ln in f if ln.startswith("flags")), "")
+        except OSError:
+            cpu = ""
+        key = hashlib.sha256("|".join([
+            manifest.stage(stage_name).sha256, _ort().__version__, str(self._level),
+            manifest.precision, manifest.msda, platform.machine(), platform.processor(),
+            cpu]).encode()).hexdigest()[:24]
+        return os.path.join(self.graph_cache, f"{stage_name}-{key}.ort.onnx")
+
     def load_stage(self, stage_name: str, manifest) -> None:
         """Create the ORT session of ``stage_name`` (no-op if loaded).
 
@@ -150,6 +192,22 @@ class OrtBackend(Backend):
             raise BundleError(f"{path} (stage '{stage_name}') is missing; re-export the bundle")
         ort = _ort()
         so = self._session_options(manifest.msda)
+        cached = self._graph_cache_paths(stage_name, manifest)
+        hit = cached is not None and os.path.isfile(cached)
+        tmp_cache = None
+        if hit:
+            # already optimized for this machine: load as is (ORT's "offline" mode)
+            path = cached
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        elif cached is not None:
+            try:
+                os.makedirs(self.graph_cache, exist_ok=True)
+                tmp_cache = f"{cached}.tmp-{os.getpid()}"
+                so.optimized_model_filepath = tmp_cache
+            except OSError:
+                tmp_cache = None  # an unwritable cache only costs speed
+        import time  # noqa: PLC0415
+        t0 = time.perf_counter()
         try:
             # int8 bundles: ORT's common-subexpression elimination would merge the per-consumer
             # DequantizeLinear copies the quantizer made, and the int8 kernels would not fuse
@@ -159,9 +217,14 @@ class OrtBackend(Backend):
                 disabled_optimizers=(INT8_DISABLED_OPTIMIZERS if manifest.precision == "int8"
                                      else None))
         except Exception as exc:  # ORT raises its own exception types
+            if tmp_cache and os.path.exists(tmp_cache):
+                os.unlink(tmp_cache)
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"ONNX Runtime cannot load {path} (stage '{stage_name}'): {first}"
                               ) from exc
+        self.session_seconds[stage_name] = (time.perf_counter() - t0, hit)
+        if tmp_cache and os.path.isfile(tmp_cache):
+            os.replace(tmp_cache, cached)
         got_in = [i.name for i in sess.get_inputs()]
         want_in = [t.name for t in spec.inputs]
         if sorted(got_in) != sorted(want_in):
