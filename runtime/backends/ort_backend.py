@@ -158,7 +158,8 @@ class OrtBackend(Backend):
     def _graph_cache_paths(self, stage_name: str, manifest):
         """(cached optimized graph, or None) for ``graph_cache``: the graph ORT produced at
         session creation (all optimizations applied, hardware-specific layouts included), keyed
-        by the stage file's sha256, the ORT version, the optimization level and this CPU."""
+        by the stage file (manifest sha256, path, inode, size, mtime), the ORT version, the
+        optimization level and this CPU."""
         if self.graph_cache is None or self.providers != ["CPUExecutionProvider"]:
             return None
         import hashlib  # noqa: PLC0415
@@ -168,8 +169,14 @@ class OrtBackend(Backend):
                 cpu = next((ln for ln in f if ln.startswith("flags")), "")
         except OSError:
             cpu = ""
+        try:  # the file itself (a manifest loaded without verification may not match it)
+            st = os.stat(manifest.stage_path(stage_name))
+        except OSError:
+            return None
         key = hashlib.sha256("|".join([
-            manifest.stage(stage_name).sha256, _ort().__version__, str(self._level),
+            manifest.stage(stage_name).sha256, os.path.realpath(manifest.stage_path(stage_name)),
+            str(st.st_ino), str(st.st_size), str(st.st_mtime_ns),
+            _ort().__version__, str(self._level),
             manifest.precision, manifest.msda, platform.machine(), platform.processor(),
             cpu]).encode()).hexdigest()[:24]
         return os.path.join(self.graph_cache, f"{stage_name}-{key}.ort.onnx")
