@@ -225,10 +225,18 @@ def test_synthetic_scene_motions():
 
 def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, tiny_checkpoint, demo_mp4,
                                           tmp_path):
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     from dvis_trt.runtime.cli import main
 
     out = tmp_path / "bench"
+    grad = torch.is_grad_enabled()  # the bench's eager baseline switches autograd off
+    try:
+        _bench_int8(main, int8_bundle, tiny_bundle, tiny_checkpoint, demo_mp4, out)
+    finally:
+        torch.set_grad_enabled(grad)
+
+
+def _bench_int8(main, int8_bundle, tiny_bundle, tiny_checkpoint, demo_mp4, out):
     main(["bench", str(tiny_bundle), str(int8_bundle[0].root), str(demo_mp4.path),
           "--checkpoint", str(tiny_checkpoint), "--backends", "ort", "--frames", "8",
           "--warmup", "1", "--repeats", "1", "--no-stages", "--no-flops", "--memory", "off",
