@@ -288,6 +288,9 @@ class VideoWorker:
         self.init_error: Optional[Tuple[str, int]] = None
         self.runner = None
         self.jobs: List[Any] = []
+        #: FFmpeg decoder threads: the actor's CPUs (FFmpeg's own choice is every core of the
+        #: node, which oversubscribes a node shared by several actors)
+        self._decode_threads = max(1, int(spec.get("cpus", 1)))
         try:
             self._load()
         except (DvisTrtError, MemoryError, OSError, RuntimeError, ValueError) as exc:
@@ -324,7 +327,8 @@ class VideoWorker:
             def open_uri():
                 local = self._fetch(uri)
                 try:
-                    return open_source(local, strict=self.spec["strict"])
+                    return open_source(local, strict=self.spec["strict"],
+                                       threads=self._decode_threads)
                 except InputError as exc:  # name the URI, not our temporary copy
                     raise InputError(str(exc).replace(str(local), uri)) from None
 
@@ -336,6 +340,9 @@ class VideoWorker:
                              "(mount the same storage at the same path on every node)")
         job = self.jobs[pos]
         job.video_id = int(row["video_id"])
+        if job.path is not None and Path(job.path).is_file():  # decoder threads = our CPUs
+            job.opener = lambda p=job.path: open_source(p, strict=self.spec["strict"],
+                                                        threads=self._decode_threads)
         return job
 
     def _fetch(self, uri: str) -> Path:
@@ -570,7 +577,7 @@ def run_collection(bundle: str, refs: Sequence[VideoRef], jobs, journal, runner_
             + ("" if fits else " (more than the cluster has now: actors start as it grows)"))
         registry = ray.remote(num_cpus=0)(_AttemptRegistry).remote()
         spec = {"bundle": shipped, "runner": dict(runner_opts, threads=ort_threads),
-                "discover": discover, "strict": strict, "total": total, "stage_retries": 1,
+                "cpus": cpw, "discover": discover, "strict": strict, "total": total, "stage_retries": 1,
                 "registry": registry, "test_exit_on": os.environ.get(TEST_EXIT_ENV) or None}
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
