@@ -184,6 +184,13 @@ def overlay_paths(overlay: Optional[PathLike], jobs: Sequence[VideoJob]) -> Dict
     used: Dict[str, int] = {}
     for i, job in enumerate(jobs):
         base = "".join(c if c.isalnum() or c in "-_." else "_" for c in job.name) or "video"
+        # the file name must fit the file system's limit (255 bytes) with its prefix/suffix
+        from dvis_trt.outputs import NAME_MAX
+        room = NAME_MAX - 12 - len((".mp4" if as_dir else f"{o.stem}_{o.suffix}").encode())
+        if len(base.encode()) > room:
+            import hashlib
+            tag = hashlib.sha1(job.name.encode()).hexdigest()[:8]
+            base = base.encode()[:max(room - 9, 1)].decode("utf-8", "ignore") + "-" + tag
         n = used.get(base, 0)
         used[base] = n + 1
         if n:

@@ -70,4 +70,16 @@ def test_overlay_name_near_the_name_limit(tiny_runner, tmp_path):
     jobs, _ = discover_inputs([_frames(tmp_path / name)])
     summary = run_videos(tiny_runner(), jobs, tmp_path / "r.json", str(tmp_path / "ov") + "/")
     assert summary.exit_code == 0
-    assert (tmp_path / "ov" / f"{name}.mp4").stat().st_size > 0
+    (written,) = list((tmp_path / "ov").iterdir())
+    assert written.name.startswith("v" * 200) and written.stat().st_size > 0
+
+
+def test_batch_overlay_names_fit_the_name_limit(tmp_path):
+    from dvis_trt.outputs import NAME_MAX
+    from dvis_trt.runtime.inputs import overlay_paths
+    a, b = _frames(tmp_path / ("a" * 250)), _frames(tmp_path / ("a" * 249 + "b"))
+    jobs, _ = discover_inputs([a, b])
+    for target in (str(tmp_path / "ov") + "/", str(tmp_path / ("o" * 30 + ".mp4"))):
+        paths = overlay_paths(target, jobs)
+        assert len({p.name for p in paths.values()}) == 2
+        assert all(len(p.name.encode()) <= NAME_MAX - 12 for p in paths.values())
