@@ -37,7 +37,8 @@ from dvis_trt.errors import InputError
 
 __all__ = ["OutputRefused", "BUNDLE_MARKER", "MARKER_FORMAT", "TEMP_TAG", "NAME_MAX",
            "check_outputs", "temp_path", "clean_stale_temps", "parse_temp_name", "write_marker",
-           "read_marker", "owned_entries", "same_file"]
+           "read_marker", "owned_entries", "same_file", "OUTPUT_TAG", "refuse_foreign_file",
+           "is_our_results_json"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -45,6 +46,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 BUNDLE_MARKER = ".dvis-trt-bundle"
 #: Its format id: a file of that name with any other content is not ours.
 MARKER_FORMAT = "dvis-trt-bundle/1"
+#: What our files carry where their format has room for it (video ``comment`` metadata, PNG
+#: ``Software`` text): an existing file is written over only when it is recognisably ours.
+OUTPUT_TAG = "dvis-trt"
 #: The tag in every temporary name.
 TEMP_TAG = "dvis-trt-tmp"
 #: Longest file name (bytes) on the file systems we write to (ext4, xfs, btrfs, APFS, NTFS).
@@ -433,3 +437,35 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(err, f"renameat2({a}, {b}) failed: {os.strerror(err)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# existing files at an output path
+# ---------------------------------------------------------------------------------------------
+_RESULTS_RE = re.compile(r'^\[\s*(\]|\{"video_id": -?\d+, "score": [^,]+, "category_id": )')
+
+
+def is_our_results_json(path: PathLike) -> bool:
+    """True for a YouTube-VIS results file as ``dvis-trt run`` writes it (``[]``, or a list
+    whose first item starts ``{"video_id": .., "score": .., "category_id": ..``)."""
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return bool(_RESULTS_RE.match(head))
+
+
+def refuse_foreign_file(path: PathLike, label: str, recognise) -> None:
+    """Refuse to write over an existing file at ``path`` unless ``recognise(path)`` says it is
+    one of ours (a re-run replacing its own output). Missing paths are fine.
+
+    Raises:
+        OutputRefused: one line; nothing was changed.
+    """
+    p = Path(path)
+    if not (p.exists() or p.is_symlink()) or p.is_dir():
+        return
+    if not recognise(p):
+        raise OutputRefused(f"{label} {p} exists and was not written by dvis-trt; remove it or "
+                            "choose another name (nothing was changed)")

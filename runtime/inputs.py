@@ -221,12 +221,19 @@ def check_outputs(jobs: Sequence[VideoJob], output: Optional[PathLike],
 
     from dvis_trt.outputs import check_outputs as check_rule, clean_stale_temps
 
-    inputs = [(f"input '{j.name}'", j.path) for j in jobs if j.path is not None]
+    inputs = [("input", j.path) for j in jobs if j.path is not None]
     inputs += [(label, p) for label, p in reads if p is not None]
     outs = ([("--output", Path(output))] if output is not None else []) + \
         [("--overlay", p) for p in overlays.values()] + \
         [("--contact-sheet", p) for p in (sheets or {}).values()]
     check_rule(outs, inputs)
+    from dvis_trt.outputs import is_our_results_json, refuse_foreign_file
+
+    from .overlay import is_our_image, is_our_video
+    recognise = {"--output": is_our_results_json, "--overlay": is_our_video,
+                 "--contact-sheet": is_our_image}
+    for label, p in outs:   # an existing file is replaced only when it is ours (a re-run)
+        refuse_foreign_file(p, label, recognise[label])
     for folder in {p.resolve().parent for _, p in outs}:
         try:
             folder.mkdir(parents=True, exist_ok=True)

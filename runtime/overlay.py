@@ -460,6 +460,7 @@ def write_overlay(path: PathLike, frames_iter: Iterable[Any],
     last = -1
     with atomic_output(path) as tmp:
         with av.open(str(tmp), mode="w") as container:
+            container.metadata["comment"] = OVERLAY_COMMENT   # so a re-run knows it is ours
             stream = None
             for item in frames_iter:
                 rgb = np.asarray(getattr(item, "rgb", item))
@@ -511,6 +512,35 @@ def write_overlay(path: PathLike, frames_iter: Iterable[Any],
             for packet in stream.encode():
                 container.mux(packet)
     return n
+
+
+from dvis_trt.outputs import OUTPUT_TAG  # noqa: E402
+
+#: ``comment`` metadata of every overlay video we write.
+OVERLAY_COMMENT = f"{OUTPUT_TAG} overlay"
+
+
+def is_our_video(path: PathLike) -> bool:
+    """True for a video this module wrote (its ``comment`` metadata is :data:`OVERLAY_COMMENT`)."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            meta = {k.lower(): v for k, v in dict(c.metadata or {}).items()}
+    except Exception:  # noqa: BLE001 - not a video at all: not ours
+        return False
+    return meta.get("comment") == OVERLAY_COMMENT
+
+
+def is_our_image(path: PathLike) -> bool:
+    """True for a PNG this module wrote (``Software`` text :data:`OUTPUT_TAG`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == OUTPUT_TAG
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def write_contact_sheet(path: PathLike, frames_iter: Iterable[Any],
@@ -581,6 +611,9 @@ def write_contact_sheet(path: PathLike, frames_iter: Iterable[Any],
         x, y = 4 + c * (tw + 4), 4 + r * (th + cap_h + 4)
         sheet.paste(tile, (x, y))
         draw.text((x + 2, y + th + 3), cap, font=cap_font, fill=(230, 230, 230))
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("Software", OUTPUT_TAG)   # so a re-run knows it is ours
     with atomic_output(path) as tmp:
-        sheet.save(tmp, format="PNG")
+        sheet.save(tmp, format="PNG", pnginfo=info)
     return wanted

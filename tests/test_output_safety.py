@@ -270,3 +270,20 @@ def test_run_cleans_a_killed_runs_temporaries(user, tmp_path, capsys):
     rc, err = _run([user / "bundle", user / "frames", "-o", out / "results.json"], capsys)
     assert rc == 0, err
     assert not stale.exists() and (out / "results.json").is_file()
+
+
+def test_run_never_writes_over_a_file_it_did_not_write(user, tmp_path, capsys):
+    b, frames = user / "bundle", user / "frames"
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}')
+    video = tmp_path / "holiday.mp4"
+    video.write_bytes(b"not ours" * 100)
+    for argv in (["-o", mine], ["-o", tmp_path / "r.json", "--overlay", video]):
+        rc, err = _run([b, frames, *argv], capsys)
+        assert rc == 2 and "was not written by dvis-trt" in err and len(err.splitlines()) == 1
+    assert mine.read_text() == '{"my": "notes"}' and video.read_bytes() == b"not ours" * 100
+    # our own outputs are replaced by a re-run
+    out, ov = tmp_path / "r.json", tmp_path / "ov.mp4"
+    for _ in range(2):
+        rc, err = _run([b, frames, "-o", out, "--overlay", ov, "--no-resume"], capsys)
+        assert rc == 0, err
