@@ -274,3 +274,31 @@ def test_bench_latency_modes(tiny_bundle, demo_mp4, tmp_path, capsys):
         assert 0 < r["latency_ms_p50"] <= r["latency_ms_p90"] <= r["latency_ms_p99"]
         assert r["throughput_fps_median"] > 0
     assert "| online |" in (out / "latency.md").read_text()
+
+
+def test_an_official_online_checkpoint_exports_and_streams(tiny_checkpoint, tmp_path,
+                                                           demo_mp4, ort_online):
+    """An online checkpoint (the official ``DVIS_DAQ_online`` layout: no refiner keys) loads
+    strictly into the online config, exports the four online stages, and its bundle gives the
+    same frames as the offline bundle of the same segmenter and tracker weights."""
+    from dvis_trt.export.checkpoint import load_state_dict_file
+    from dvis_trt.export.onnx_export import export_from_checkpoint
+    from dvis_trt.runtime.errors import BundleError
+    from dvis_trt.runtime.manifest import ONLINE_STAGE_NAMES, load_manifest
+    from dvis_trt.runtime.stream import stream
+
+    from conftest import TINY_CONFIG
+
+    state = load_state_dict_file(tiny_checkpoint)
+    online = {k: v for k, v in state.items() if not k.startswith("refiner.")}
+    ckpt = tmp_path / "online.pth"
+    torch.save({"model": online}, ckpt)
+    out = tmp_path / "online_bundle"
+    export_from_checkpoint(TINY_CONFIG, ckpt, out,
+                           overrides=["MODEL.META_ARCHITECTURE=DVIS_DAQ_online"])
+    man = load_manifest(out, require_stages=ONLINE_STAGE_NAMES)
+    assert set(man.stages) == set(ONLINE_STAGE_NAMES)
+    got = list(stream(out, demo_mp4.path, backend="ort", threads=2, realtime=False))
+    assert_frames_match(got, ort_online, score_tol=1e-6)
+    with pytest.raises(BundleError, match="online checkpoint"):
+        stream(out, demo_mp4.path, mode="near-online", backend="ort")
