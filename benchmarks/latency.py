@@ -123,13 +123,19 @@ def bench_latency(bundle, frames: Sequence[np.ndarray], modes: Sequence[str], *,
             order = list(modes) if r % 2 == 0 else list(reversed(modes))
             for m in order:
                 time.sleep(0.2)  # ORT threads spin briefly after a call
+                stage0 = dict(pipes[m].timings) if m in pipes else dict(runner.pipeline.timings)
                 lat, wall = _run_mode(m, runner, pipes, frames)
+                stage1 = pipes[m].timings if m in pipes else runner.pipeline.timings
+                engine = {k: v - stage0.get(k, 0.0) for k, v in stage1.items()
+                          if v - stage0.get(k, 0.0) > 0}
                 rows[m].latencies.extend(lat)
                 rows[m].walls.append(wall)
                 s = rows[m].summary()
                 say(f"round {r + 1} {rows[m].mode}: {wall:.1f} s, latency p50 "
                     f"{np.percentile(lat, 50) * 1e3:.0f} ms, max {max(lat) * 1e3:.0f} ms "
-                    f"(pooled p50 {s['latency_ms_p50']:.0f} ms)")
+                    f"(pooled p50 {s['latency_ms_p50']:.0f} ms); engine s: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in engine.items())
+                    + f"; host {wall - sum(engine.values()):.1f}")
         return [rows[m] for m in modes]
     finally:
         runner.close()

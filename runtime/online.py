@@ -26,6 +26,7 @@ across clips. Latency ~ N frames plus one refiner call; accuracy close to offlin
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -34,9 +35,21 @@ import numpy as np
 
 from .postprocess import MaskUpsampler, softmax
 from .preprocess import ResizeGeometry, normalize_and_pad, resize_frame
-from .results import encode_rle
+from .results import encode_rle_block
 
 MODES = ("online", "near-online", "offline")
+
+
+@functools.lru_cache(maxsize=8)
+def _empty_counts(h: int, w: int) -> str:
+    from pycocotools import mask as mask_util
+
+    return mask_util.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0]["counts"].decode()
+
+
+def _EMPTY_RLE(h: int, w: int) -> dict:
+    """The RLE of an empty (h, w) mask (a track whose mask was not computed this frame)."""
+    return {"size": [int(h), int(w)], "counts": _empty_counts(int(h), int(w))}
 
 
 @dataclass
@@ -135,10 +148,15 @@ class OnlinePipeline:
         constants: ``bg_slots`` (S, C), ``seg_query_feat`` (Q, C) (the bundle's constants).
         upsampler: mask resizer (default :class:`MaskUpsampler`).
         keep_masks: also return dense bool masks (``FrameResult.masks``).
+        all_masks: masks (and boxes) for every stored track, also those in their grace period
+            (``valid`` False); default: valid tracks only — the others get an empty RLE and a
+            zero box, which halves the post-processing on a crowded frame (masks are resized
+            to the frame size and RLE-encoded per track: the largest host cost per frame).
     """
 
     def __init__(self, backend, settings, constants: Dict[str, np.ndarray],
-                 upsampler: Optional[MaskUpsampler] = None, keep_masks: bool = False):
+                 upsampler: Optional[MaskUpsampler] = None, keep_masks: bool = False,
+                 all_masks: bool = False):
         from .pipeline import OfflinePipeline
 
         # the offline pipeline's per-frame tracker code and backend plumbing, used as is
@@ -146,6 +164,7 @@ class OnlinePipeline:
         self.backend = backend
         self.s = settings
         self.keep_masks = keep_masks
+        self.all_masks = all_masks
         self.reset()
 
     @property
@@ -202,14 +221,18 @@ class OnlinePipeline:
         self._count += 1
         valid = hub.live_invalid == 0    # 0 misses: valid at this very frame
         n = len(ids)
-        if n:
-            mo = core._run("tracker_masks", {"embeds": np.ascontiguousarray(embeds),
+        rows = np.arange(n) if self.all_masks else np.flatnonzero(valid)
+        masks = np.zeros((n, h0, w0), bool) if self.keep_masks else None
+        rles = [_EMPTY_RLE(h0, w0)] * n if n else []
+        if len(rows):
+            mo = core._run("tracker_masks", {"embeds": np.ascontiguousarray(embeds[rows]),
                                              "mask_features": mf}, fetch=("pred_masks",))
-            low = core._host(mo["pred_masks"])                       # (n, h/4, w/4)
-            masks = core.upsampler(low[:, None], (hp, wp), (h, w), (h0, w0))[:, 0]
-        else:
-            masks = np.zeros((0, h0, w0), bool)
-        rles = encode_rle(masks) if n else []
+            low = core._host(mo["pred_masks"])                       # (m, h/4, w/4)
+            up = core.upsampler(low[:, None], (hp, wp), (h, w), (h0, w0))   # (m, 1, H, W)
+            for r, block in zip(rows, encode_rle_block(up)):
+                rles[r] = block[0]
+            if masks is not None:
+                masks[rows] = up[:, 0]
         probs = softmax(logits.astype(np.float32), axis=-1)[:, :-1] if n else \
             np.zeros((0, s.num_classes), np.float32)
         return FrameResult(
@@ -218,8 +241,7 @@ class OnlinePipeline:
             .astype(np.int64) if n else np.zeros(0, np.int64),
             scores=probs.max(-1).astype(np.float32) if n else np.zeros(0, np.float32),
             valid=valid.copy(), rles=rles, boxes=rle_boxes(rles), logits=logits,
-            masks=masks if self.keep_masks else None, arrival=arrival, done=time.monotonic(),
-            mode="online")
+            masks=masks, arrival=arrival, done=time.monotonic(), mode="online")
 
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[FrameResult]:
         """Run a whole video from frame 0 (``reset()`` first); one result per frame, in order."""

@@ -401,7 +401,8 @@ class OverlaySink:
 def open_pipeline(bundle: PathLike, mode: str = "online", *, backend: Any = "auto",
                   threads: Optional[int] = None, clip_frames: int = 15, window: int = 5,
                   providers: Optional[str] = None, checkpoint: Optional[PathLike] = None,
-                  config_file: Optional[PathLike] = None, keep_masks: bool = False):
+                  config_file: Optional[PathLike] = None, keep_masks: bool = False,
+                  all_masks: bool = False):
     """(pipeline, runner) for ``mode`` ``online`` or ``near-online`` on a bundle.
 
     ``online`` needs the ``tracker_masks`` stage (bundles exported by this dvis-trt, from an
@@ -435,7 +436,8 @@ def open_pipeline(bundle: PathLike, mode: str = "online", *, backend: Any = "aut
                  "seg_query_feat": runner.pipeline.seg_query_feat}
     if mode == "online":
         pipe = OnlinePipeline(runner.backend, runner.settings, constants,
-                              upsampler=runner.pipeline.upsampler, keep_masks=keep_masks)
+                              upsampler=runner.pipeline.upsampler, keep_masks=keep_masks,
+                              all_masks=all_masks)
     else:
         pipe = NearOnlinePipeline(runner.backend, runner.settings, constants,
                                   clip_frames=clip_frames, upsampler=runner.pipeline.upsampler,
@@ -590,7 +592,8 @@ def stream(bundle: PathLike, source: PathLike, *, mode: str = "online", clip_fra
         throttle: at least this many seconds per frame (simulates a slower model).
         jsonl: also write JSON Lines there (path, ``"-"`` = stdout, or a text file object).
         overlay: also write an overlay video there (a new file).
-        include_invalid: JSON records also list tracks in their grace period (``valid``).
+        include_invalid: also masks for tracks in their grace period, and JSON records list
+            them (``valid``); default: those tracks carry an empty mask and are not written.
         keep_masks: results carry dense masks (``result.masks``) besides the RLEs.
         options: FFmpeg options for opening the source.
     Returns:
@@ -619,7 +622,7 @@ def stream(bundle: PathLike, source: PathLike, *, mode: str = "online", clip_fra
     sinks: List[Any] = []
     pipe, runner = open_pipeline(bundle, mode, backend=backend, threads=threads,
                                  clip_frames=clip_frames, keep_masks=keep_masks,
-                                 **backend_options)
+                                 all_masks=include_invalid, **backend_options)
     try:
         names = runner.class_names
         if jsonl is not None:

@@ -45,6 +45,7 @@ def online_runner(tiny_runner):
     r = tiny_runner()
 
     def make(backend=None, **kw):
+        kw.setdefault("all_masks", True)   # masks of grace-period tracks too (the official hub)
         return OnlinePipeline(backend or r.backend, r.settings,
                               {"bg_slots": r.pipeline.bg_slots,
                                "seg_query_feat": r.pipeline.seg_query_feat},
@@ -168,7 +169,7 @@ def test_online_and_near_online_from_the_stream_api(tiny_bundle, demo_mp4, ort_o
     import dvis_trt
 
     got = list(dvis_trt.stream(tiny_bundle, demo_mp4.path, mode="online", backend="ort",
-                               threads=2, realtime=False))
+                               threads=2, realtime=False, include_invalid=True))
     assert [f.index for f in got] == list(range(len(ort_online)))
     assert_frames_match(got, ort_online, score_tol=1e-6)
 
@@ -298,7 +299,8 @@ def test_an_official_online_checkpoint_exports_and_streams(tiny_checkpoint, tmp_
                            overrides=["MODEL.META_ARCHITECTURE=DVIS_DAQ_online"])
     man = load_manifest(out, require_stages=ONLINE_STAGE_NAMES)
     assert set(man.stages) == set(ONLINE_STAGE_NAMES)
-    got = list(stream(out, demo_mp4.path, backend="ort", threads=2, realtime=False))
+    got = list(stream(out, demo_mp4.path, backend="ort", threads=2, realtime=False,
+                      include_invalid=True))
     assert_frames_match(got, ort_online, score_tol=1e-6)
     with pytest.raises(BundleError, match="online checkpoint"):
         stream(out, demo_mp4.path, mode="near-online", backend="ort")
