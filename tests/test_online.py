@@ -284,8 +284,8 @@ def test_an_official_online_checkpoint_exports_and_streams(tiny_checkpoint, tmp_
     same frames as the offline bundle of the same segmenter and tracker weights."""
     from dvis_trt.export.checkpoint import load_state_dict_file
     from dvis_trt.export.onnx_export import export_from_checkpoint
-    from dvis_trt.runtime.errors import BundleError
-    from dvis_trt.runtime.manifest import ONLINE_STAGE_NAMES, load_manifest
+    from dvis_trt.errors import BundleError
+    from dvis_trt.runtime.bundle import ONLINE_STAGE_NAMES, load_manifest
     from dvis_trt.runtime.stream import stream
 
     from conftest import TINY_CONFIG
