@@ -339,6 +339,11 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     except ImportError as exc:
         raise DependencyError("constant folding needs Polygraphy and ONNX GraphSurgeon: pip "
                               "install polygraphy onnx-graphsurgeon") from exc
+    try:  # Polygraphy folds through ONNX Runtime sessions, whose optimiser warns per node
+        import onnxruntime
+        onnxruntime.set_default_logger_severity(3)  # (e.g. every attention Unsqueeze of ViT-L)
+    except ImportError:  # pragma: no cover - a runtime dependency
+        pass
     with _quiet_polygraphy():
         try:
             return pg_fold(model, num_passes=None, do_shape_inference=True, fold_shapes=True,
