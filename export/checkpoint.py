@@ -272,17 +272,18 @@ def _backbone_hint(report: "LoadReport") -> str:
     in_model = report.loaded + report.missing + mismatched
     ckpt, model = _backbone_kind(in_ckpt), _backbone_kind(in_model)
     if ckpt == "vit" and model == "resnet":
-        return ("; the checkpoint holds a ViT-Adapter-L backbone (backbone.vit_module.*) but the "
+        return (": the checkpoint holds a ViT-Adapter-L backbone (backbone.vit_module.*) but the "
                 "config builds a ResNet: use the ViT-Adapter config it was trained with "
-                "(configs/dvis_daq/<dataset>/vit_adapter/DAQ_Offline_VitAdapterL.yaml)")
+                "(--config vitl-ovis, vitl-ytvis19 or vitl-ytvis21, or the official "
+                "vit_adapter/DAQ_Offline_VitAdapterL.yaml)")
     if ckpt == "resnet" and model == "vit":
-        return ("; the checkpoint holds a ResNet backbone (backbone.res2.*) but the config builds "
+        return (": the checkpoint holds a ResNet backbone (backbone.res2.*) but the config builds "
                 "the ViT-Adapter-L: use the ResNet config it was trained with "
-                "(configs/dvis_daq/<dataset>/DAQ_Offline_R50.yaml)")
+                "(--config r50-ovis, or the official DAQ_Offline_R50.yaml)")
     if ckpt == "vit" and model == "vit" and \
             any(k.startswith(_ADAPTER_PREFIXES) for k in report.missing) and \
             not any(k.startswith(_ADAPTER_PREFIXES) for k in in_ckpt):
-        return ("; the checkpoint has the DINOv2 ViT (backbone.vit_module.*) but not the adapter "
+        return (": the checkpoint has the DINOv2 ViT (backbone.vit_module.*) but not the adapter "
                 "(backbone.spm.*, backbone.interactions.*, backbone.level_embed, backbone.up, "
                 "backbone.norm1-4): a bare DINOv2 checkpoint or a truncated file, not a DVIS-DAQ "
                 "ViT-Adapter-L model")
@@ -304,8 +305,10 @@ def _mismatch_message(report: LoadReport, source: str, expected: str) -> str:
             hint = (f"; the checkpoint predicts {a[0] - 1} classes, the config {b[0] - 1}: "
                     "use the config of the dataset it was trained on")
             break
-    if not hint:
-        hint = _backbone_hint(report)
+    backbone = _backbone_hint(report)
+    if backbone:  # the diagnosis first, the key lists after it
+        return (f"checkpoint {source} does not match the model {expected}{backbone}; details: "
+                + "; ".join(parts))
     if not hint and not report.loaded:
         hint = "; no key matched at all: is this a DVIS-DAQ checkpoint for this architecture?"
     return (f"checkpoint {source} does not match the model {expected}: "
