@@ -175,8 +175,8 @@ def test_fp16_vit_segmenter_runs_close_to_fp32(vit_eager, tmp_path):
     from dvis_trt.export.onnx_export import export_bundle
     from dvis_trt.export.stages import build_stages, run_stage_eager
     from dvis_trt.runtime.backends.ort_backend import OrtBackend
-    from dvis_trt.runtime.config import load_config
-    from dvis_trt.runtime.manifest import load_manifest
+    from dvis_trt.export.config import load_config
+    from dvis_trt.runtime.bundle import load_manifest
 
     out = tmp_path / "b16"
     export_bundle(vit_eager, load_config(TINY_VIT), out, precision="fp16", window=2,
