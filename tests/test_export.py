@@ -399,3 +399,23 @@ def test_full_r50_export_and_parity(tmp_path):
     args = parser.parse_args([str(tmp_path / "bundle"), "--checkpoint", str(ckpt),
                               "--size", "480x864", "--frames", "1", "--tracks", "0,1,20"])
     assert cli_check.run(args) == 0
+
+
+def test_check_skips_stages_an_older_bundle_lacks(exported, tmp_path):
+    """A bundle exported before the online ``tracker_masks`` stage existed still checks:
+    only the stages the manifest lists are compared (it used to stop with 'stage not loaded')."""
+    import dataclasses
+    import shutil
+    from dvis_trt.runtime.bundle import write_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(exported["manifest"].root, old)
+    m = load_manifest(old, verify=False)
+    if "tracker_masks" in m.stages:
+        stages = {k: v for k, v in m.stages.items() if k != "tracker_masks"}
+        write_manifest(old, dataclasses.replace(m, stages=stages), hash_files=True)
+    parser = argparse.ArgumentParser()
+    cli_check.add_arguments(parser)
+    args = parser.parse_args([str(old), "--checkpoint", str(exported["ckpt"]), "--size",
+                              "64x96", "--tracks", "1", "--threads", "2"])
+    assert cli_check.run(args) == 0
