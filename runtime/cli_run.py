@@ -149,6 +149,15 @@ def read_paths(args: argparse.Namespace) -> list:
              ("--config-file", args.config_file)]
     if args.class_names is not None and Path(args.class_names).is_file():
         reads.append(("--class-names", args.class_names))
+    if args.bundle is not None and Path(args.bundle).is_dir():
+        from dvis_trt.errors import DvisTrtError
+        from .bundle import load_manifest
+        from .provenance import recorded_sources
+        try:  # the bundle's own checkpoint and config are never written over either
+            reads += recorded_sources(load_manifest(args.bundle, verify=False,
+                                            require_stages=None))
+        except (DvisTrtError, OSError, ValueError):
+            pass  # a bundle that does not load is reported, in one line, when the run loads it
     return [(label, p) for label, p in reads if p is not None]
 
 

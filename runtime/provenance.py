@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from dvis_trt.errors import InputError
 
-__all__ = ["checkpoint_record", "config_record", "recorded_checkpoint", "file_sha256"]
+__all__ = ["checkpoint_record", "config_record", "recorded_checkpoint", "recorded_sources",
+           "file_sha256"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -90,3 +91,20 @@ def recorded_checkpoint(manifest: Any, *, needed_for: Optional[str] = None) -> O
                              f"(sha256 differs from the recorded {str(want)[:12]}...); re-export "
                              "the bundle, or pass --checkpoint to compare with this file anyway")
     return path
+
+
+def recorded_sources(manifest: Any) -> List[Tuple[str, Path]]:
+    """``(label, path)`` of the checkpoint and config file the bundle records it was exported
+    from, for the output-safety rule (:func:`dvis_trt.outputs.check_outputs`): an output of
+    ``run`` or ``stream`` may not write over the bundle's source even when this run does not
+    read it. No hashing; missing or malformed records give nothing."""
+    prod = _producer(manifest)
+    out: List[Tuple[str, Path]] = []
+    for key, label in (("checkpoint", "the checkpoint the bundle was exported from"),
+                       ("config", "the config the bundle was exported from")):
+        rec = prod.get(key)
+        if isinstance(rec, str):
+            rec = {"path": rec}
+        if isinstance(rec, Mapping) and isinstance(rec.get("path"), str) and rec["path"]:
+            out.append((label, Path(rec["path"])))
+    return out

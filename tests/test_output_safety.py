@@ -63,7 +63,7 @@ def user(tmp_path, tiny_bundle):
 
 
 # ------------------------------------------------------------------------------ run
-@pytest.mark.parametrize("case", ["checkpoint", "dataset_json", "class_names", "frame",
+@pytest.mark.parametrize("case", ["checkpoint", "recorded_checkpoint", "dataset_json", "class_names", "frame",
                                   "manifest", "symlink", "hardlink", "hardlink_frame",
                                   "overlay_on_input", "inside_bundle"])
 def test_run_refuses_outputs_it_reads(user, capsys, case):
@@ -72,6 +72,12 @@ def test_run_refuses_outputs_it_reads(user, capsys, case):
     base = [b, frames]
     if case == "checkpoint":
         argv = base + ["-o", ck, "--backend", "torch", "--checkpoint", ck]
+    elif case == "recorded_checkpoint":  # not read by an ORT run, but the bundle's source
+        man = json.loads((b / "manifest.json").read_text())
+        man["producer"]["checkpoint"] = {"path": str(ck)}
+        (b / "manifest.json").write_text(json.dumps(man))
+        before = _snapshot(user)
+        argv = base + ["-o", ck]
     elif case == "dataset_json":
         argv = [b, "--ytvis-json", user / "valid.json", "--ytvis-root", user / "JPEGImages",
                 "-o", user / "valid.json"]
