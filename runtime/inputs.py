@@ -53,7 +53,8 @@ def discover_inputs(paths: Sequence[PathLike], ytvis_json: Optional[PathLike] = 
     Args:
         paths: video files (anything FFmpeg reads), folders of frames, folders whose
             sub-folders are frame folders (a YouTube-VIS ``JPEGImages/`` root: one video per
-            sub-folder, natural order), or single images (1-frame videos).
+            sub-folder, natural order), folders of video files (one video per file with a
+            video suffix, natural order), or single images (1-frame videos).
         ytvis_json, ytvis_root: a YouTube-VIS / OVIS dataset json and its image root; every
             video of the json is added (``video_id`` from the json, sorted by id).
         strict: strict decoding of video files (see :class:`AVVideoSource`).
@@ -86,6 +87,14 @@ def discover_inputs(paths: Sequence[PathLike], ytvis_json: Optional[PathLike] = 
             if subs:  # a JPEGImages/ root: one video per sub-folder
                 for d in subs:
                     add(d.name, d, lambda d=d: open_source(d, fps=fps))
+                continue
+            from .cli_args import VIDEO_SUFFIXES
+            vids = sorted((f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                           and f.suffix.lower() in VIDEO_SUFFIXES),
+                          key=lambda f: natural_sort_key(f.name))
+            if vids:  # a folder of video files: one video per file
+                for f in vids:
+                    add(f.stem, f, lambda f=f: open_source(f, strict=strict, fps=fps))
                 continue
         name = p.name if p.is_dir() else p.stem
         add(name or str(p), p, lambda p=p: open_source(p, strict=strict, fps=fps))
