@@ -619,6 +619,9 @@ def stream(bundle: PathLike, source: PathLike, *, mode: str = "online", clip_fra
     for label, out in (("--jsonl", file_out), ("--overlay", overlay)):
         if out is not None:
             _claim(out, f"{label} output")
+    if overlay is not None:  # the overlay temporaries of a killed stream (kill -9, power cut)
+        from dvis_trt.outputs import clean_stale_temps
+        clean_stale_temps(Path(overlay).absolute().parent)
     sinks: List[Any] = []
     pipe, runner = open_pipeline(bundle, mode, backend=backend, threads=threads,
                                  clip_frames=clip_frames, keep_masks=keep_masks,

@@ -9,6 +9,7 @@ policy the last frame of this clip would wait ~13 service times.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -149,3 +150,19 @@ def test_sigterm_stops_the_stream_cleanly_with_outputs_closed(tiny_bundle, demo_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "overlay.mp4"]
     from dvis_trt.runtime.video import open_source
     assert open_source(overlay).num_frames in (len(lines), None)
+
+
+def test_stream_cleans_a_killed_streams_overlay_temporary(tiny_bundle, demo_mp4, tmp_path, capsys):
+    """kill -9 leaves ``.overlay.mp4.dvis-trt-tmp-<pid>-<rand>.mp4``; the next stream writing an
+    overlay into that folder removes it (dead pid, unchanged for a minute), and nothing else."""
+    stale = tmp_path / ".overlay.mp4.dvis-trt-tmp-999999999-0123abcd.mp4"
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (1e9, 1e9))
+    mine = tmp_path / ".my-notes.mp4"
+    mine.write_bytes(b"mine")
+    rc = main(["stream", str(tiny_bundle), str(demo_mp4.path), "--backend", "ort",
+               "--no-realtime", "--max-frames", "2", "--jsonl", str(tmp_path / "o.jsonl"),
+               "--overlay", str(tmp_path / "overlay2.mp4")])
+    assert rc == 0, capsys.readouterr().err
+    assert not stale.exists() and mine.read_bytes() == b"mine"
+    assert (tmp_path / "overlay2.mp4").is_file()
