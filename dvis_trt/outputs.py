@@ -241,7 +241,10 @@ def owned_entries(folder: PathLike, *, label: str = "--output",
         OutputRefused: ``folder`` is a file, or a non-empty folder that is not ours.
     """
     f = Path(folder)
-    if f.is_symlink() or (f.exists() and not f.is_dir()):
+    if f.is_symlink():  # replacing it would replace the link, not the folder it names
+        raise OutputRefused(f"{label} {f} is a symbolic link (to {os.readlink(f)}); give the "
+                            "folder itself or a new path (nothing was changed)")
+    if f.exists() and not f.is_dir():
         raise OutputRefused(f"{label} {f} exists and is not a folder; choose another path "
                             "(nothing was changed)")
     if not f.exists():

@@ -293,3 +293,14 @@ def test_run_never_writes_over_a_file_it_did_not_write(user, tmp_path, capsys):
     for _ in range(2):
         rc, err = _run([b, frames, "-o", out, "--overlay", ov, "--no-resume"], capsys)
         assert rc == 0, err
+
+
+def test_owned_entries_names_a_symlinked_folder_as_a_link(tmp_path):
+    real = tmp_path / "bundle"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(OutputRefused, match="is a symbolic link"):
+        owned_entries(tmp_path / "link")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputRefused, match="exists and is not a folder"):
+        owned_entries(tmp_path / "file")
