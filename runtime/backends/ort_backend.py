@@ -25,6 +25,10 @@ __all__ = ["OrtBackend", "PROVIDER_NAMES", "resolve_providers", "default_graph_c
 #: Graph optimizers disabled for int8 bundles (must match dvis_trt.export.quantize).
 INT8_DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
 #: Short provider names accepted by :class:`OrtBackend`.
+#: Input dims that change from one frame to the next: ``tQ``, the live-track count of
+#: ``tracker_step``. Sessions of stages with such an input run without ORT's memory pattern
+#: and CPU arena (see :meth:`OrtBackend._session_options`).
+PER_FRAME_DIMS = frozenset({"tQ"})
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
 
@@ -130,11 +134,21 @@ class OrtBackend(Backend):
         self._outputs: Dict[str, Tuple[str, ...]] = {}
 
     # -- loading ---------------------------------------------------------------------------
-    def _session_options(self, msda: str):
+    def _session_options(self, msda: str, per_frame_shapes: bool = False):
+        """ORT session options of one stage. ``per_frame_shapes``: the stage gets a new input
+        shape on most frames (``tracker_step``, whose ``tQ`` is the live-track count). ORT's
+        memory pattern (one plan cached per input shape) and its CPU arena (grown to each new
+        largest request, never returned) would then keep the peak of every shape seen: on the
+        R50 OVIS test bundle, 40 frames of a 64x96 video (tQ 93 -> 3,068) peaked at 2,130 MiB
+        with both, 1,416 MiB with the arena off, 1,372 MiB with both off, results byte-identical
+        (docs/safety.md). Outputs do not depend on either option."""
         ort = _ort()
         so = ort.SessionOptions()
         so.graph_optimization_level = self._level
         so.log_severity_level = 3
+        if per_frame_shapes:
+            so.enable_mem_pattern = False
+            so.enable_cpu_mem_arena = False
         if self.threads is not None:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
@@ -198,7 +212,9 @@ class OrtBackend(Backend):
         if not path.is_file():
             raise BundleError(f"{path} (stage '{stage_name}') is missing; re-export the bundle")
         ort = _ort()
-        so = self._session_options(manifest.msda)
+        per_frame = any(isinstance(d, str) and d in PER_FRAME_DIMS
+                        for t in spec.inputs for d in t.shape)
+        so = self._session_options(manifest.msda, per_frame_shapes=per_frame)
         cached = self._graph_cache_paths(stage_name, manifest)
         hit = cached is not None and os.path.isfile(cached)
         tmp_cache = None
