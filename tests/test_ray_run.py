@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 from dvis_trt.runtime.cli import main  # noqa: E402
-from dvis_trt.runtime.ray_runner import TEST_EXIT_ENV, split_address  # noqa: E402
+from dvis_trt.runtime.ray_inputs import TEST_EXIT_ENV, split_address  # noqa: E402
 from dvis_trt.runtime.shards import MARKER_NAME, ShardStore, shard_folder  # noqa: E402
 
 RAY = ["--ray", "--workers", "2", "--ray-cpus-per-worker", "1", "--threads", "1"]
@@ -159,7 +159,7 @@ def test_worker_retries_a_stage_error_once_then_fails_only_that_video():
     from types import SimpleNamespace
 
     from dvis_trt.errors import InputError
-    from dvis_trt.runtime.ray_runner import VideoWorker
+    from dvis_trt.runtime.ray_worker import VideoWorker
     from dvis_trt.runtime.inputs import VideoJob
 
     class FakeRunner:
