@@ -13,20 +13,20 @@ dynamic axes of :data:`dvis_trt.runtime.bundle.STAGE_SPECS` -> Polygraphy consta
 (``polygraphy.backend.onnx.fold_constants``, which folds shape sub-graphs too) -> graph I/O
 shapes stamped from the stage spec -> ``onnx.shape_inference`` (strict, type-checked, data
 propagation) -> ``onnx.checker.check_model(full_check=True)`` -> our TensorRT-friendliness
-checks (:func:`check_graph`: no bool graph I/O, no NonZero / ScatterND / Einsum / control
-flow, no data-dependent-shape ops, custom MSDA nodes only in the plugin modes, with their
-``plugin_version`` / ``plugin_namespace`` attributes). Any failure aborts the export.
+checks (:func:`~dvis_trt.export.onnx_checks.check_graph`: no bool graph I/O, no NonZero /
+ScatterND / Einsum / control flow, no data-dependent-shape ops, custom MSDA nodes only in the
+plugin modes, with their ``plugin_version`` / ``plugin_namespace`` attributes). Any failure
+aborts the export.
 
 The bundle is written into a temporary folder next to ``out_dir`` and swapped in at the end
-(:func:`replace_dir`), so a failed or interrupted export never leaves a half bundle, and a
-re-export into an existing bundle replaces what it wrote (its marker lists it) and TensorRT
-engines built for the old graphs under ``out_dir/engines`` (they no longer match); files a user
-put beside the bundle stay, and a folder that is not a bundle of ours is refused
+(:func:`~dvis_trt.export.onnx_io.replace_dir`), so a failed or interrupted export never leaves a
+half bundle, and a re-export into an existing bundle replaces what it wrote (its marker lists it)
+and TensorRT engines built for the old graphs under ``out_dir/engines`` (they no longer match);
+files a user put beside the bundle stay, and a folder that is not a bundle of ours is refused
 (:mod:`dvis_trt.outputs`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import logging
@@ -35,7 +35,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -43,21 +43,21 @@ import torch
 from torch import nn
 
 import dvis_trt
-from dvis_trt.errors import BundleError, DependencyError, InputError
-from dvis_trt.runtime.bundle import (EXPORT_STAGE_NAMES, MANIFEST_NAME, MSDA_MODES,
-                                       ONLINE_STAGE_NAMES, InferenceConfig,
-                                       BundleManifest, ConstantsSpec, StageSpec, TensorSpec,
-                                       stage_specs, write_manifest)
+from dvis_trt.errors import InputError
+from dvis_trt.runtime.bundle import (
+    EXPORT_STAGE_NAMES, MSDA_MODES, ONLINE_STAGE_NAMES, InferenceConfig, BundleManifest,
+    ConstantsSpec, StageSpec, TensorSpec, stage_specs, write_manifest)
 
 from .model import msda as msda_mod
 from .sample_inputs import SampleDims, sample_images, sample_stage_inputs
 from .stages import build_stages, eager_runner, stage_input_names, stage_output_names
+from .onnx_checks import (ExportError, _stamp_io_shapes, _walk_nodes, check_graph,
+                          fold_constants)
+from .onnx_io import external_data_file, replace_dir, save_graph
 
-__all__ = ["EXPORTER", "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "FORBIDDEN_OPS",
-           "CONSTANTS_FILE", "EXTERNAL_DATA_THRESHOLD", "external_data_file", "save_graph",
-           "ExportError", "export_bundle", "export_from_checkpoint",
-           "export_stage", "check_graph", "example_dims", "bundle_values", "replace_dir",
-           "StageReport"]
+__all__ = ["EXPORTER", "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "CONSTANTS_FILE", "export_bundle",
+           "export_from_checkpoint", "export_stage", "example_dims", "bundle_values", "StageReport"]
+
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,8 @@ EXPORTER: Dict[str, str] = {stage: "torchscript" for stage in EXPORT_STAGE_NAMES
 DEFAULT_OPSET = 17
 MIN_OPSET = 16
 MAX_OPSET = 20
-#: Ops that must not appear in an exported stage: NonZero/ScatterND come from index assignment
-#: (TensorRT builds them badly or not at all), Einsum should be MatMul, control flow and the
-#: other data-dependent-shape ops would make a stage's output shape depend on tensor values.
-FORBIDDEN_OPS = ("NonZero", "ScatterND", "Einsum", "Loop", "If", "Scan", "Unique", "Compress",
-                 "NonMaxSuppression", "TopK")
+
+
 CONSTANTS_FILE = "constants.npz"
 #: Tracer warnings known to be harmless: eager-only input checks and ``F.group_norm``'s
 #: training-time batch-size check read shapes into Python bools; they guard nothing in the graph
@@ -91,59 +88,6 @@ CONSTANTS_FILE = "constants.npz"
 _BENIGN_WARNINGS = ("Converting a tensor to a Python boolean",
                     "legacy TorchScript-based ONNX export",
                     "The feature will be removed")
-
-
-#: A stage graph whose serialised size exceeds this is saved with ONNX external data: the graph
-#: in ``<stage>.onnx`` (a few MB), every initializer over 1 KiB in one file ``<stage>.onnx.data``
-#: next to it (recorded in the manifest with its own sha256). Protobuf cannot serialise a
-#: message over 2 GiB; the margin is for the tools that re-serialise a graph with more in it
-#: (precision conversion keeps fp32 copies of kept-fp32 constants, Q/DQ export adds scales,
-#: ``onnx.checker`` / shape inference serialise in memory). ViT-L's fp32 segmenter (~1.3 GB)
-#: goes external; the R50 stages (<= 0.2 GB) stay single files.
-EXTERNAL_DATA_THRESHOLD = 1 << 30
-
-
-def external_data_file(path: Union[str, os.PathLike]) -> Optional[str]:
-    """The one external-data file a saved graph references (relative name), or None.
-
-    Raises ExportError when the graph references several files or one outside its folder.
-    """
-    model = onnx.load(str(path), load_external_data=False)
-    names = set()
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            names.update(e.value for e in init.external_data if e.key == "location")
-    if not names:
-        return None
-    if len(names) > 1 or any(Path(n).name != n for n in names):
-        raise ExportError(f"{path}: external data in {sorted(names)}; expected one file next to "
-                          "the graph")
-    return names.pop()
-
-
-def save_graph(model: onnx.ModelProto, path: Union[str, os.PathLike],
-               threshold: Optional[int] = None) -> Optional[str]:
-    """Save ``model`` to ``path``, with external data ``<name>.data`` when it is larger than
-    ``threshold`` bytes (see :data:`EXTERNAL_DATA_THRESHOLD`); returns the data file's name or
-    None. ``model``'s initializers are turned into external references when saved that way.
-    A stale data file of the same name is removed first (it would be appended to)."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if model.ByteSize() > (EXTERNAL_DATA_THRESHOLD if threshold is None else threshold):
-        onnx.save_model(model, str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(data, 0o666 & ~umask)  # onnx creates it 0600; same mode as the graph beside it
-        return data.name
-    onnx.save_model(model, str(path))
-    return None
-
-
-class ExportError(BundleError):
-    """An exported graph failed a check (checker, shape inference, TensorRT-friendliness)."""
 
 
 @dataclasses.dataclass
@@ -199,159 +143,6 @@ def example_dims(values: Mapping[str, Any], window: int = 5,
     return SampleDims(frames=int(window), height=h, width=w, tracks=7,
                       refiner_frames=2 * int(window) + 1, refiner_queries=n, mask_frames=t,
                       mask_queries=max(1, min(int(values.get("max_num", 20)), n)))
-
-
-# ---------------------------------------------------------------------------------------------
-# graph checks
-# ---------------------------------------------------------------------------------------------
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64",
-                onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
-                onnx.TensorProto.UINT8: "uint8"}
-
-
-def _walk_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _walk_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _walk_nodes(g)
-
-
-def _value_shape(vi: onnx.ValueInfoProto) -> List[Union[int, str, None]]:
-    out: List[Union[int, str, None]] = []
-    for d in vi.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            out.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
-            out.append(d.dim_param)
-        else:
-            out.append(None)
-    return out
-
-
-def check_graph(model: onnx.ModelProto, stage: str, inputs: Sequence[TensorSpec],
-                outputs: Sequence[TensorSpec], msda: str) -> None:
-    """TensorRT-friendliness and contract checks of one exported stage graph.
-
-    Checks: graph input / output names, order, dtypes and ranks equal the stage spec; no bool
-    graph I/O; none of :data:`FORBIDDEN_OPS` anywhere (subgraphs included); custom-domain nodes
-    only in the plugin modes, and then exactly the MSDA node of the mode with string attributes
-    ``plugin_version`` / ``plugin_namespace``.
-
-    Raises:
-        ExportError: one line naming the stage and what is wrong.
-    """
-    for kind, got, want in (("input", model.graph.input, inputs),
-                            ("output", model.graph.output, outputs)):
-        got_names = [v.name for v in got]
-        want_names = [t.name for t in want]
-        if got_names != want_names:
-            raise ExportError(f"stage '{stage}': graph {kind}s {got_names} are not the "
-                              f"expected {want_names}")
-        for vi, spec in zip(got, want):
-            dtype = _ONNX_DTYPES.get(vi.type.tensor_type.elem_type, str(vi.type.tensor_type.elem_type))
-            if dtype == "bool":
-                raise ExportError(f"stage '{stage}': graph {kind} '{vi.name}' is a bool tensor; "
-                                  "TensorRT bindings must not be bool")
-            if dtype != spec.dtype:
-                raise ExportError(f"stage '{stage}': graph {kind} '{vi.name}' is {dtype}, the "
-                                  f"stage contract says {spec.dtype}")
-            if len(_value_shape(vi)) != len(spec.shape):
-                raise ExportError(f"stage '{stage}': graph {kind} '{vi.name}' has shape "
-                                  f"{_value_shape(vi)}, expected rank {len(spec.shape)} "
-                                  f"{list(spec.shape)}")
-    allowed_custom = set()
-    if msda == "plugin":
-        allowed_custom = {msda_mod.PLUGIN_OP}
-    elif msda == "trt-builtin":
-        allowed_custom = {msda_mod.TRT_BUILTIN_OP}
-    for node in _walk_nodes(model.graph):
-        if node.domain in ("", "ai.onnx"):
-            if node.op_type in FORBIDDEN_OPS:
-                raise ExportError(f"stage '{stage}': node '{node.name}' is {node.op_type}, which "
-                                  "TensorRT builds badly or which makes shapes data-dependent; "
-                                  "fix the model code (torch.where instead of index assignment, "
-                                  "matmul instead of einsum)")
-            continue
-        if node.op_type not in allowed_custom or node.domain != msda_mod.PLUGIN_DOMAIN:
-            raise ExportError(f"stage '{stage}': unexpected custom node {node.domain}::"
-                              f"{node.op_type} in an --msda {msda} export")
-        attrs = {a.name: a for a in node.attribute}
-        for name in ("plugin_version", "plugin_namespace"):
-            a = attrs.get(name)
-            if a is None or a.type != onnx.AttributeProto.STRING:
-                raise ExportError(f"stage '{stage}': custom node '{node.name}' lacks the string "
-                                  f"attribute {name} the TensorRT ONNX parser reads")
-
-
-def _stamp_io_shapes(model: onnx.ModelProto, inputs: Sequence[TensorSpec],
-                     outputs: Sequence[TensorSpec]) -> None:
-    """Write the spec's dims into the graph I/O (ints as dim_value, symbols as dim_param)."""
-    for vis, specs in ((model.graph.input, inputs), (model.graph.output, outputs)):
-        by_name = {t.name: t for t in specs}
-        for vi in vis:
-            spec = by_name.get(vi.name)
-            if spec is None:
-                continue
-            shape = vi.type.tensor_type.shape
-            shape.ClearField("dim")
-            for d in spec.shape:
-                dim = shape.dim.add()
-                if isinstance(d, int):
-                    dim.dim_value = d
-                else:
-                    dim.dim_param = str(d)
-
-
-@contextlib.contextmanager
-def _quiet_polygraphy():
-    try:
-        from polygraphy.logger import G_LOGGER
-    except ImportError as exc:  # pragma: no cover - a hard dependency of the export extra
-        raise DependencyError("constant folding needs Polygraphy: pip install polygraphy "
-                              "onnx-graphsurgeon") from exc
-    old_colors = getattr(G_LOGGER, "colors", None)
-    try:
-        G_LOGGER.colors = False
-    except Exception:  # pragma: no cover
-        pass
-    try:
-        with G_LOGGER.verbosity(G_LOGGER.ERROR):
-            yield
-    finally:
-        if old_colors is not None:
-            G_LOGGER.colors = old_colors
-
-
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Polygraphy constant folding (shape sub-graphs included), ONNX shape inference only
-    (ONNX Runtime's symbolic shape inference writes temp files into the working directory).
-
-    Raises DependencyError without polygraphy / onnx-graphsurgeon, ExportError if folding fails.
-    """
-    try:
-        import onnx_graphsurgeon  # noqa: F401  (polygraphy imports it lazily; fail clearly here)
-        from polygraphy.backend.onnx import fold_constants as pg_fold
-    except ImportError as exc:
-        raise DependencyError("constant folding needs Polygraphy and ONNX GraphSurgeon: pip "
-                              "install polygraphy onnx-graphsurgeon") from exc
-    try:  # Polygraphy folds through ONNX Runtime sessions, whose optimiser warns per node
-        import onnxruntime
-        onnxruntime.set_default_logger_severity(3)  # (e.g. every attention Unsqueeze of ViT-L)
-    except ImportError:  # pragma: no cover - a runtime dependency
-        pass
-    with _quiet_polygraphy():
-        try:
-            return pg_fold(model, num_passes=None, do_shape_inference=True, fold_shapes=True,
-                           partitioning=None, error_ok=False,
-                           allow_onnxruntime_shape_inference=False)
-        except Exception as exc:
-            raise ExportError(f"constant folding failed: {str(exc).splitlines()[0][:300]}") \
-                from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,25 +240,6 @@ def export_stage(module: nn.Module, stage: str, example: Mapping[str, np.ndarray
                           f"{str(exc).splitlines()[0][:300]}") from exc
     size = path.stat().st_size + ((path.parent / data_file).stat().st_size if data_file else 0)
     return StageReport(stage, path.name, time.perf_counter() - t0, size, n_nodes, ops, data_file)
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic folder replace
-# ---------------------------------------------------------------------------------------------
-def replace_dir(new: Path, dest: Path) -> None:
-    """Put the finished bundle folder ``new`` at ``dest`` (see
-    :func:`dvis_trt.outputs.commit_folder`): a folder of ours is replaced (only the entries
-    its marker lists, plus ``engines/``, are deleted; a user's files beside them stay), a
-    missing or empty one is created.
-
-    Raises:
-        InputError: ``dest`` is a file, or a non-empty folder that is not a dvis-trt bundle
-            (no marker): we never delete what we did not write.
-    """
-    from dvis_trt.outputs import commit_folder, owned_entries
-
-    owned = owned_entries(dest, extra_owned=("engines",))
-    commit_folder(Path(new), Path(dest), owned)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ from dvis_trt.export import cli_check, cli_export
 from dvis_trt.export.checkpoint import write_random_checkpoint
 from dvis_trt.export.model.build import build_model
 from dvis_trt.export.model.layers import masked_attention_bias
-from dvis_trt.export.onnx_export import (EXPORTER, FORBIDDEN_OPS, ExportError, check_graph,
-                                         export_bundle, replace_dir)
+from dvis_trt.export.onnx_checks import FORBIDDEN_OPS, ExportError, check_graph
+from dvis_trt.export.onnx_export import EXPORTER, export_bundle
+from dvis_trt.export.onnx_io import replace_dir
 from dvis_trt.export.sample_inputs import SampleDims, sample_stage_inputs, tracker_step_inputs
 from dvis_trt.export.stages import build_stages, eager_runner, run_stage_eager
 from dvis_trt.runtime.backends.ort_backend import OrtBackend

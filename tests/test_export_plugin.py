@@ -16,7 +16,8 @@ import torch
 
 from dvis_trt.export.model import msda as msda_mod
 from dvis_trt.export.model.build import build_model
-from dvis_trt.export.onnx_export import check_graph, export_bundle
+from dvis_trt.export.onnx_checks import check_graph
+from dvis_trt.export.onnx_export import export_bundle
 from dvis_trt.export.stages import build_stages, run_stage_eager
 from dvis_trt.runtime.backends.ort_backend import OrtBackend
 from dvis_trt.export.config import load_config

@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dvis_trt.export import onnx_export  # noqa: E402
+from dvis_trt.export import onnx_export, onnx_io  # noqa: E402
 from dvis_trt.export.model.build import build_model  # noqa: E402
 from dvis_trt.export.stages import build_stages, run_stage_eager  # noqa: E402
 from dvis_trt.runtime.backends.ort_backend import OrtBackend  # noqa: E402
@@ -48,7 +48,7 @@ def _export(model_cfg, out, **kw):
 def bundle(model_cfg, tmp_path_factory):
     root = tmp_path_factory.mktemp("ext") / "b"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 50_000)
+        mp.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 50_000)
         man = _export(model_cfg, root)
     return root, man
 
@@ -62,7 +62,7 @@ def test_large_graph_goes_external_and_is_hashed(model_cfg, bundle):
     entry = json.loads((root / "manifest.json").read_text())["stages"][STAGE]
     assert entry["external_data"]["file"] == f"{STAGE}.onnx.data"
     assert len(entry["external_data"]["sha256"]) == 64
-    assert onnx_export.external_data_file(root / seg.file) == seg.data_file
+    assert onnx_io.external_data_file(root / seg.file) == seg.data_file
     # the graph carries references, not weights; the checker follows them
     g = onnx.load(str(root / seg.file), load_external_data=False)
     assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in g.graph.initializer)
@@ -106,7 +106,7 @@ def test_reexport_replaces_the_pair_and_fp16_leaves_no_stale_data(model_cfg, bun
     shutil.copytree(bundle[0], root)
     # at fp16 the same graph is about half the size: below a threshold between the two sizes
     fp32_bytes = sum(p.stat().st_size for p in root.glob(f"{STAGE}.onnx*"))
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", int(fp32_bytes * 0.7))
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", int(fp32_bytes * 0.7))
     man = _export(model_cfg, root, precision="fp16")
     assert man.stages[STAGE].data_file is None
     assert not (root / f"{STAGE}.onnx.data").exists()
