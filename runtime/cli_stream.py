@@ -35,7 +35,7 @@ def _seconds(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt stream``."""
     from .backends.registry import BACKENDS
-    from .stream import DROP_POLICIES
+    from .stream_sources import DROP_POLICIES
 
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (`dvis-trt export`)")
     parser.add_argument("source", metavar="SOURCE",
