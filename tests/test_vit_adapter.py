@@ -26,8 +26,8 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from dvis_trt.export.model.build import build_model  # noqa: E402
-from dvis_trt.export.model.vit_adapter import (  # noqa: E402
-    D2VitAdapterDinoV2, VitAdapterSpec, official_pos_embed, resize_pos_embed)
+from dvis_trt.export.model.dinov2 import official_pos_embed, resize_pos_embed  # noqa: E402
+from dvis_trt.export.model.vit_adapter import D2VitAdapterDinoV2, VitAdapterSpec  # noqa: E402
 from dvis_trt.export.config import load_config  # noqa: E402
 from dvis_trt.errors import CheckpointError, InputError  # noqa: E402
 
