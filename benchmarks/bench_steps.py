@@ -103,6 +103,13 @@ def pin_and_load(state: "BenchRun") -> None:
     threads = int(opts.threads or available_cpus())
     pinned = pin_threads(threads, opts.affinity)
     manifests = [load_manifest(b, verify=False) for b in opts.bundles]
+    seen: Dict[tuple, Any] = {}
+    for man in manifests:  # a row is keyed by (msda, precision): two such bundles would collide
+        twin = seen.setdefault((man.msda, man.precision), man)
+        if twin is not man:
+            raise InputError(f"bundles {twin.root} and {man.root} are both msda={man.msda} "
+                             f"{man.precision}: bench tells bundles apart by those two; "
+                             "bench them in separate runs (--compare joins the reports)")
     primary = manifests[0]
     multi = len(manifests) > 1
     log(f"threads: {threads} (torch {pinned.get('torch_threads')}, ORT intra-op {threads}); "

@@ -253,3 +253,18 @@ def test_bench_rejects_unknown_backend_and_foreign_compare_file(tiny_bundle, tmp
                "--compare", str(bad), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "schema" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_refuses_two_bundles_whose_rows_would_share_a_key(tiny_bundle, tmp_path, capsys):
+    """Rows are keyed by (backend, msda, precision): a second bundle of the same msda and
+    precision used to replace the first one's row silently."""
+    import shutil
+    bundle, video = tiny_bundle
+    twin = tmp_path / "twin"
+    shutil.copytree(bundle, twin)
+    from dvis_trt.runtime.cli import main
+    rc = main(["bench", "--bundle", str(bundle), "--bundle", str(twin), "--video", str(video),
+               "--test-weights", "0", "--backends", "ort", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "separate runs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "bench.json").exists()
