@@ -159,3 +159,14 @@ def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+def user_cache_dir() -> Path:
+    """dvis-trt's per-user cache folder (plugin builds, ORT's optimized graphs, the demo):
+    ``$DVIS_TRT_CACHE_DIR``, else ``$XDG_CACHE_HOME/dvis_trt``, else ``~/.cache/dvis_trt``.
+    Not created here."""
+    base = os.environ.get("DVIS_TRT_CACHE_DIR")
+    if base:
+        return Path(base).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dvis_trt"

@@ -46,15 +46,9 @@ DISCLAIMER = (
 def default_demo_dir(config: str, seed: int) -> Path:
     """``<user cache>/dvis_trt/demo/<config>-seed<seed>``; the cache is ``$DVIS_TRT_CACHE_DIR``,
     else ``$XDG_CACHE_HOME/dvis_trt``, else ``~/.cache/dvis_trt`` (as the plugin builds')."""
-    import os
+    from dvis_trt.fileio import user_cache_dir
 
-    base = os.environ.get("DVIS_TRT_CACHE_DIR")
-    if base:
-        root = Path(base).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dvis_trt"
-    return root / "demo" / f"{config}-seed{seed}"
+    return user_cache_dir() / "demo" / f"{config}-seed{seed}"
 
 
 

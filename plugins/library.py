@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dvis_trt.errors import DependencyError, InputError
+from dvis_trt.fileio import user_cache_dir
 
 __all__ = ["KINDS", "BuildResult", "library_filename", "source_dir", "source_hash", "cache_dir",
            "repo_build_dir", "search_dirs", "find_library", "require_library", "build",
@@ -68,12 +69,7 @@ def cache_dir() -> Path:
     folder, so two installs (two venvs, two checkouts) sharing one cache never configure one
     build folder from two places, and a moved or deleted checkout gets a fresh folder instead
     of a CMake cache pointing at a folder that is gone."""
-    base = os.environ.get("DVIS_TRT_CACHE_DIR")
-    if base:
-        root = Path(base).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dvis_trt"
+    root = user_cache_dir()
     where = hashlib.sha256(os.fsencode(str(source_dir()))).hexdigest()[:8]
     return root / "plugins" / f"{source_hash()}-{where}"
 

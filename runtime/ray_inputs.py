@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dvis_trt.errors import DependencyError, InputError
 
+from .cli_args import VIDEO_SUFFIXES  # file suffixes taken as videos (a URI folder too)
+
 __all__ = ["RAY_HINT", "TEST_EXIT_ENV", "VIDEO_SUFFIXES", "VideoRef", "is_uri", "split_address",
            "collect_inputs"]
 
@@ -25,9 +27,6 @@ RAY_HINT = "pip install 'dvis-trt[ray]'"
 #: holds that video (a marker file in <folder> remembers it); every attempt is appended to
 #: ``<folder>/attempts.log``. Read by the driver and handed to the actors.
 TEST_EXIT_ENV = "DVIS_TRT_TEST_RAY_EXIT_ON"
-#: file suffixes taken as videos when a URI names a folder
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
-                  ".flv", ".wmv")
 
 _ADDRESS_RE = re.compile(r"^(auto|local|(ray|rays|http|https)://\S+|[\w.-]+:\d+)$")
 

@@ -81,11 +81,9 @@ def default_graph_cache() -> Optional[str]:
     env = os.environ.get("DVIS_TRT_ORT_GRAPH_CACHE")
     if env is not None:
         return None if env.strip().lower() in ("", "0", "off", "no", "false") else env
-    base = os.environ.get("DVIS_TRT_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = os.path.join(xdg or os.path.join(os.path.expanduser("~"), ".cache"), "dvis_trt")
-    return os.path.join(os.path.expanduser(base), "ort-graphs")
+    from dvis_trt.fileio import user_cache_dir
+
+    return str(user_cache_dir() / "ort-graphs")
 
 
 class OrtBackend(Backend):
