@@ -59,7 +59,6 @@ def build_eager_model(manifest, opts: BenchOptions):
     or the manifest's ``config.source`` + recorded overrides. The model's host constants must
     equal the bundle's (else the two come from different weights). Returns None when neither
     weights option is given and the manifest records no checkpoint."""
-    import torch
     from dvis_trt.export.named_configs import eager_config_source, load_named_config
     from dvis_trt.runtime.provenance import recorded_checkpoint
     ckpt = opts.checkpoint
@@ -94,7 +93,6 @@ def build_eager_model(manifest, opts: BenchOptions):
             raise InputError(f"the eager model's {k} differs from bundle {manifest.root}'s: "
                              "checkpoint / --test-weights and bundle come from different "
                              "weights; pass the checkpoint the bundle was exported from")
-    torch.set_grad_enabled(False)
     return model
 
 

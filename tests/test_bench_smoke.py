@@ -184,9 +184,14 @@ def _bench(bundle, video, out, *extra):
 
 
 def test_bench_cli_writes_json_markdown_png_with_the_schema(tiny_bundle, tmp_path, capsys):
+    import torch
     bundle, video = tiny_bundle
     out = tmp_path / "out"
+    assert torch.is_grad_enabled()
     assert _bench(bundle, video, out, "--profile-ops") == 0
+    # the eager baseline runs under no_grad locally; the process's autograd state is untouched
+    # (a global switch made later tests depend on whether a bench ran before them)
+    assert torch.is_grad_enabled()
     hist = json.loads((out / "bench.json").read_text())
     assert hist["schema"] == "dvis-trt-bench/1" and len(hist["runs"]) == 1
     rec = hist["runs"][0]
