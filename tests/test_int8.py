@@ -274,6 +274,44 @@ def test_ort_graph_cache_hit_gives_identical_outputs(tiny_bundle, tmp_path, monk
         b.close()
     assert not any(hits[0].values()) and not any(hits[1].values()) and all(hits[2].values())
     assert len(list((tmp_path / "g").glob("*.ort.onnx"))) == len(m.stages)
-    assert not list((tmp_path / "g").glob("*.tmp-*"))
+    assert not [p for p in (tmp_path / "g").iterdir() if "dvis-trt-tmp" in p.name]
     for k in outs[0]:
         np.testing.assert_array_equal(outs[2][k], outs[0][k])
+
+
+def test_ort_graph_cache_is_kept_under_its_size_cap(tmp_path, monkeypatch):
+    """Least recently used entries go first, the entry in use stays, only the cache's own
+    names are deleted, and temporaries of dead processes are removed."""
+    import os
+    import subprocess
+    import sys
+
+    from dvis_trt.errors import InputError
+    from dvis_trt.runtime.backends.ort_backend import graph_cache_max_bytes, prune_graph_cache
+
+    g = tmp_path / "g"
+    g.mkdir()
+    names = [f"segmenter-{i:024x}.ort.onnx" for i in range(4)]
+    for age, name in enumerate(names):                 # names[0] is the newest
+        p = g / name
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (1e9 - age * 100, 1e9 - age * 100))
+    user = g / "notes.ort.onnx"                        # not of the cache's form: never touched
+    user.write_bytes(b"y" * 5000)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    orphan = g / f".{names[0]}.dvis-trt-tmp-{dead}-0123abcd.onnx"
+    orphan.write_bytes(b"z" * 10)
+    os.utime(orphan, (1e9, 1e9))
+    removed = prune_graph_cache(g, max_bytes=2500, keep=str(g / names[3]))
+    left = sorted(p.name for p in g.iterdir())
+    # 4000 bytes of entries, cap 2500: the two oldest go, but names[3] (oldest) is in use,
+    # so names[2] and names[1] go instead
+    assert left == sorted([names[0], names[3], user.name])
+    assert len(removed) == 3 and str(orphan) in removed
+    monkeypatch.setenv("DVIS_TRT_ORT_GRAPH_CACHE_MAX_GB", "0.5")
+    assert graph_cache_max_bytes() == 500_000_000
+    for bad in ("0", "-1", "nan", "lots"):
+        monkeypatch.setenv("DVIS_TRT_ORT_GRAPH_CACHE_MAX_GB", bad)
+        with pytest.raises(InputError, match="DVIS_TRT_ORT_GRAPH_CACHE_MAX_GB"):
+            graph_cache_max_bytes()

@@ -13,6 +13,7 @@ registers the MSDA CPU twin (:mod:`dvis_trt.plugins.ort_op`, onnxruntime-extensi
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -20,7 +21,8 @@ import numpy as np
 from dvis_trt.errors import BundleError, DependencyError, InputError
 from .base import Backend, check_inputs
 
-__all__ = ["OrtBackend", "PROVIDER_NAMES", "resolve_providers", "default_graph_cache"]
+__all__ = ["OrtBackend", "PROVIDER_NAMES", "resolve_providers", "default_graph_cache",
+           "prune_graph_cache", "graph_cache_max_bytes"]
 
 #: Graph optimizers disabled for int8 bundles (must match dvis_trt.export.quantize).
 INT8_DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
@@ -74,6 +76,66 @@ def resolve_providers(providers: Union[str, Sequence[str], None] = "auto") -> li
     return out
 
 
+#: Default size cap of the optimized-graph cache (``$DVIS_TRT_ORT_GRAPH_CACHE_MAX_GB``): every
+#: re-export makes new entries (the key holds the stage file's identity), so without a cap the
+#: cache would only grow (a ViT-L bundle's optimized graphs are ~1.4 GB).
+GRAPH_CACHE_MAX_GB = 4.0
+_GRAPH_ENTRY_RE = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{24}\.ort\.onnx$")
+
+
+def graph_cache_max_bytes() -> int:
+    """The cache's size cap in bytes: ``$DVIS_TRT_ORT_GRAPH_CACHE_MAX_GB`` (GB, > 0), else
+    :data:`GRAPH_CACHE_MAX_GB`. Raises :class:`InputError` for a value that is not a positive
+    finite number."""
+    env = os.environ.get("DVIS_TRT_ORT_GRAPH_CACHE_MAX_GB")
+    if env is None or not env.strip():
+        return int(GRAPH_CACHE_MAX_GB * 1e9)
+    try:
+        gb = float(env)
+    except ValueError:
+        gb = float("nan")
+    if not (gb > 0 and gb < float("inf")):
+        raise InputError(f"DVIS_TRT_ORT_GRAPH_CACHE_MAX_GB must be a positive number of GB, "
+                         f"got {env!r}")
+    return int(gb * 1e9)
+
+
+def prune_graph_cache(folder: Union[str, os.PathLike], max_bytes: int,
+                      keep: Optional[str] = None) -> list:
+    """Keep ORT's optimized-graph cache under ``max_bytes``: delete the least recently used
+    entries (a hit refreshes an entry's mtime), never ``keep`` (the entry just written or
+    used), and temporaries of processes that no longer run
+    (:func:`dvis_trt.outputs.clean_stale_temps`). Only file names of the cache's own form
+    (``<stage>-<24 hex>.ort.onnx``) are ever deleted, so a folder the user pointed
+    ``$DVIS_TRT_ORT_GRAPH_CACHE`` at keeps its other files. Returns the deleted paths; errors
+    (a file gone, no permission) are ignored: the cache only costs or saves speed."""
+    from dvis_trt.outputs import clean_stale_temps
+
+    removed = [str(p) for p in clean_stale_temps(folder)]
+    entries = []
+    try:
+        for e in os.scandir(folder):
+            if _GRAPH_ENTRY_RE.match(e.name) and e.is_file(follow_symlinks=False):
+                st = e.stat(follow_symlinks=False)
+                entries.append((st.st_mtime, st.st_size, e.path))
+    except OSError:
+        return removed
+    keep_real = os.path.realpath(keep) if keep else None
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):  # oldest first
+        if total <= max_bytes:
+            break
+        if keep_real and os.path.realpath(path) == keep_real:
+            continue
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        total -= size
+        removed.append(path)
+    return removed
+
+
 def default_graph_cache() -> Optional[str]:
     """Folder of ORT's optimized stage graphs: ``$DVIS_TRT_ORT_GRAPH_CACHE`` (``0`` / ``off``
     disables the cache), else ``<user cache>/ort-graphs`` (the user cache is
@@ -100,7 +162,8 @@ class OrtBackend(Backend):
         graph_cache: folder where the graph ORT optimizes at session creation is kept, so the
             next session of the same stage file on this machine loads it as is (R50: see
             docs/benchmarks.md, "Time to first result"); ``"auto"`` (default):
-            :func:`default_graph_cache`; None: no cache. CPU provider only.
+            :func:`default_graph_cache`; None: no cache. CPU provider only. Kept under
+            :func:`graph_cache_max_bytes` (least recently used entries go first).
     """
 
     name = "ort"
@@ -125,6 +188,7 @@ class OrtBackend(Backend):
         self.plugin_library = None if plugin_library is None else os.fspath(plugin_library)
         self.graph_cache = default_graph_cache() if graph_cache == "auto" else \
             (None if graph_cache is None else os.fspath(graph_cache))
+        self._cache_max = graph_cache_max_bytes() if self.graph_cache else 0
         #: seconds each stage's session took to create, and whether it came from the cache
         self.session_seconds: Dict[str, Tuple[float, bool]] = {}
         self._sessions: Dict[str, "object"] = {}
@@ -220,10 +284,15 @@ class OrtBackend(Backend):
             # already optimized for this machine: load as is (ORT's "offline" mode)
             path = cached
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                os.utime(cached)  # recently used: the size cap evicts the oldest first
+            except OSError:
+                pass
         elif cached is not None:
             try:
                 os.makedirs(self.graph_cache, exist_ok=True)
-                tmp_cache = f"{cached}.tmp-{os.getpid()}"
+                from dvis_trt.outputs import temp_path  # recognisable; cleaned if orphaned
+                tmp_cache = str(temp_path(cached))
                 so.optimized_model_filepath = tmp_cache
             except OSError:
                 tmp_cache = None  # an unwritable cache only costs speed
@@ -245,7 +314,11 @@ class OrtBackend(Backend):
                               ) from exc
         self.session_seconds[stage_name] = (time.perf_counter() - t0, hit)
         if tmp_cache and os.path.isfile(tmp_cache):
-            os.replace(tmp_cache, cached)
+            try:
+                os.replace(tmp_cache, cached)
+                prune_graph_cache(self.graph_cache, self._cache_max, keep=cached)
+            except OSError:
+                pass
         got_in = [i.name for i in sess.get_inputs()]
         want_in = [t.name for t in spec.inputs]
         if sorted(got_in) != sorted(want_in):
