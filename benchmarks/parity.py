@@ -50,23 +50,6 @@ class Instances:
                    np.asarray(res.track_ids, np.int64), masks)
 
 
-def _video_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(Sa, T, H, W) x (Sb, T, H, W) bool -> (Sa, Sb) video IoU (sums over all frames, as
-    YouTube-VIS); two empty masks have IoU 1."""
-    sa, sb = a.shape[0], b.shape[0]
-    inter = np.zeros((sa, sb), np.float64)
-    area_a = a.reshape(sa, -1).sum(1).astype(np.float64)
-    area_b = b.reshape(sb, -1).sum(1).astype(np.float64)
-    for t in range(a.shape[1]):  # frame by frame keeps the float matrices small
-        fa = a[:, t].reshape(sa, -1).astype(np.float32)
-        fb = b[:, t].reshape(sb, -1).astype(np.float32)
-        inter += fa @ fb.T
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    return iou
-
-
 def compare_instances(ref: Instances, got: Instances, iou_min: float = FP32_PARITY["iou_min"],
                       score_atol: float = FP32_PARITY["score_atol"]) -> Dict[str, Any]:
     """Is ``got`` the same instance set as ``ref`` (the eager baseline)?
@@ -78,7 +61,7 @@ def compare_instances(ref: Instances, got: Instances, iou_min: float = FP32_PARI
     labels only (DESIGN.md). Returns a dict (``ok``, ``reason``, counts, ``min_iou``,
     ``mean_iou``, ``max_score_diff``, ...).
     """
-    from scipy.optimize import linear_sum_assignment
+    from dvis_trt.runtime.accuracy import match_pairs
     out: Dict[str, Any] = {"ref_instances": int(len(ref.scores)),
                            "instances": int(len(got.scores)), "iou_min": iou_min,
                            "score_atol": score_atol}
@@ -94,9 +77,8 @@ def compare_instances(ref: Instances, got: Instances, iou_min: float = FP32_PARI
         out.setdefault("reason", None)
         out.update(matched=0, min_iou=None, mean_iou=None, max_score_diff=None)
         return out
-    iou = _video_iou(ref.masks, got.masks)
-    same = ref.labels[:, None] == got.labels[None, :]
-    rows, cols = linear_sum_assignment(-(iou + 2.0 * same))
+    # equal labels first (a bonus above any IoU), then the largest IoU
+    rows, cols, iou, same = match_pairs(ref.masks, ref.labels, got.masks, got.labels, 2.0)
     pair_iou = iou[rows, cols]
     pair_same = same[rows, cols]
     diffs = np.abs(ref.scores[rows] - got.scores[cols])

@@ -36,7 +36,8 @@ import numpy as np
 from dvis_trt.errors import InputError
 
 __all__ = ["THRESHOLDS", "MATCH_IOU", "REPORT_FILE", "InstanceSet", "AccuracyReport",
-           "compare_instances", "compare_bundles", "instances_from_result", "write_report"]
+           "compare_instances", "compare_bundles", "instances_from_result", "write_report",
+           "video_iou", "match_pairs"]
 
 #: Pass thresholds of the verdict.
 THRESHOLDS = {"matched_fraction": 0.95, "mean_iou": 0.90, "label_agreement": 0.95}
@@ -148,13 +149,38 @@ class AccuracyReport:
                 for s, outs in self.stages.items() for o, v in outs.items()]
 
 
-def _video_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(Sa, T, H, W) x (Sb, T, H, W) bool -> (Sa, Sb) summed-over-frames IoU."""
-    fa = a.reshape(a.shape[0], -1).astype(np.float32)
-    fb = b.reshape(b.shape[0], -1).astype(np.float32)
-    inter = fa @ fb.T
-    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+def video_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Video mask IoU of every pair: (Sa, T, H, W) x (Sb, T, H, W) bool -> (Sa, Sb) float64,
+    intersections and unions summed over all frames (as YouTube-VIS / OVIS evaluate); two
+    empty masks have IoU 1. Frame by frame, so the float temporaries stay (S, H*W)."""
+    sa, sb = a.shape[0], b.shape[0]
+    inter = np.zeros((sa, sb), np.float64)
+    area_a = a.reshape(sa, -1).sum(1).astype(np.float64)
+    area_b = b.reshape(sb, -1).sum(1).astype(np.float64)
+    for t in range(a.shape[1]):
+        fa = a[:, t].reshape(sa, -1).astype(np.float32)
+        fb = b[:, t].reshape(sb, -1).astype(np.float32)
+        inter += fa @ fb.T
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def match_pairs(ref_masks: np.ndarray, ref_labels: np.ndarray, cand_masks: np.ndarray,
+                cand_labels: np.ndarray, label_bonus: float):
+    """Hungarian pairing (``scipy.optimize.linear_sum_assignment``) of two instance sets that
+    maximises video mask IoU plus ``label_bonus`` for an equal label: a large bonus (2: more
+    than any IoU) pairs equal labels first, a tiny one (1e-3) only breaks IoU ties.
+
+    Args: masks bool (S, T, H, W) of the same (T, H, W); labels int (S,).
+    Returns ``(rows, cols, iou, same)``: the pairs' indices into ref / cand, the (Sr, Sc) IoU
+    matrix (:func:`video_iou`) and the (Sr, Sc) equal-label matrix."""
+    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415
+
+    iou = video_iou(ref_masks, cand_masks)
+    same = np.asarray(ref_labels)[:, None] == np.asarray(cand_labels)[None, :]
+    rows, cols = linear_sum_assignment(-(iou + label_bonus * same))
+    return rows, cols, iou, same
 
 
 def _span(m: np.ndarray):
@@ -168,8 +194,6 @@ def compare_instances(ref: InstanceSet, cand: InstanceSet,
     ``report`` (a new one if None). Masks must have the same (T, H, W).
 
     Raises InputError when the two sets cover different frame counts or sizes."""
-    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415
-
     rep = report or AccuracyReport()
     if ref.masks.shape[1:] != cand.masks.shape[1:] and len(ref.masks) and len(cand.masks):
         raise InputError(f"the two results cover different videos: masks "
@@ -180,9 +204,7 @@ def compare_instances(ref: InstanceSet, cand: InstanceSet,
     rep.candidate_tracks += int(cand.num_tracks)
     if len(ref.labels) == 0 or len(cand.labels) == 0:
         return rep
-    iou = _video_iou(ref.masks, cand.masks)
-    same = ref.labels[:, None] == cand.labels[None, :]
-    rows, cols = linear_sum_assignment(-(iou + 1e-3 * same))
+    rows, cols, iou, same = match_pairs(ref.masks, ref.labels, cand.masks, cand.labels, 1e-3)
     for i, j in zip(rows, cols):
         if iou[i, j] < MATCH_IOU:
             continue
