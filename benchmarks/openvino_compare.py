@@ -260,6 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-startup", action="store_true", help="skip the session-creation timing")
     ap.add_argument("--ort-no-spin", action="store_true",
                     help="also time ORT with session.intra_op.allow_spinning=0 (a third row)")
+    ap.add_argument("--max-rss-gb", type=float, default=12.0,
+                    help="stop (exit 3) if this process's resident memory passes this (GiB)")
     ap.add_argument("--work-dir", default=None, help="where the caches go (default: temp)")
     ap.add_argument("--json", default="openvino_compare.json")
     args = ap.parse_args(argv)
@@ -268,6 +270,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DvisTrtError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+class RssGuard:
+    """Stops the process (exit 3, one line on stderr) when its resident memory passes
+    ``limit_gib``: a benchmark must not take a shared machine down. Also keeps the peak
+    (``peak_gib``). Samples ``/proc/self/status`` every ``interval`` s in a daemon thread;
+    a no-op where that file does not exist."""
+
+    def __init__(self, limit_gib: float, interval: float = 0.5):
+        import threading  # noqa: PLC0415
+        self.limit = float(limit_gib)
+        self.peak_gib = 0.0
+        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
+        if os.path.exists("/proc/self/status"):
+            self._thread.start()
+
+    @staticmethod
+    def rss_gib() -> float:
+        with open("/proc/self/status", encoding="ascii") as f:
+            kb = next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
+        return kb / 2 ** 20
+
+    def _loop(self, interval: float) -> None:
+        while True:
+            g = self.rss_gib()
+            self.peak_gib = max(self.peak_gib, g)
+            if g > self.limit:
+                print(f"stopping: resident memory {g:.1f} GiB passed --max-rss-gb {self.limit}",
+                      file=sys.stderr, flush=True)
+                os._exit(3)
+            time.sleep(interval)
 
 
 def _run(args) -> int:
@@ -289,10 +322,13 @@ def _run(args) -> int:
     for m in manifests:
         if m.msda != "onnx":
             raise InputError(f"{m.root}: --msda {m.msda}; OpenVINO needs --msda onnx bundles")
+    # the fp32 bundle first: the others' instances are held against its ORT run
+    manifests.sort(key=lambda m: m.precision != "fp32")
     keys = [f"{m.precision}" for m in manifests]
     if len(set(keys)) != len(keys):
         keys = [f"{m.precision}:{Path(m.root).name}" for m in manifests]
     runtimes = ["ort", "openvino"] + (["ort-nospin"] if args.ort_no_spin else [])
+    guard = RssGuard(args.max_rss_gb)
     pin_threads(args.threads)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dvis_ov_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -310,9 +346,10 @@ def _run(args) -> int:
     makers = {"ort": lambda: _ort_backend(args.threads, None),
               "ort-nospin": lambda: _ort_backend(args.threads, None, spin=False),
               "openvino": lambda: OpenVinoStages(args.threads)}
-    runners: Dict[str, Any] = {}
-    finals: Dict[str, Dict[str, Any]] = {}
+    fp32_ref = None  # the fp32 bundle's final instances on ORT
     for key, m in zip(keys, manifests):
+        # one bundle at a time (its runtimes alternate with each other): an R50 pipeline on
+        # each runtime holds a few GiB
         entry: Dict[str, Any] = {"bundle": str(m.root), "precision": m.precision}
         report["bundles"][key] = entry
         if not args.no_startup:
@@ -321,95 +358,94 @@ def _run(args) -> int:
             print(f"[{key}] start-up, all stages (s): " + "; ".join(
                 f"{rt} " + ", ".join(f"{s} {v['total']:.2f}" for s, v in st[rt].items())
                 for rt in st) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-        pair = {rt: PipelineRunner(f"{key}/{rt}", makers[rt](), m, args.window, args.threads)
-                for rt in runtimes}
-        # warm-up (untimed): records the ORT run's stage inputs; final instances compared
-        rec, out_ort = capture_stage_inputs(pair["ort"], frames)
-        out_ov = pair["openvino"].run(frames)
-        for rt in runtimes[2:]:
-            pair[rt].run(frames)
-        entry["stage_differences"] = compare_bundle_outputs(pair["ort"].backend,
-                                                            pair["openvino"].backend,
-                                                            rec.samples)
-        entry["instances"] = inst = compare_instances(out_ort.instances, out_ov.instances)
-        finals[key] = {"ort": out_ort.instances, "openvino": out_ov.instances}
-        worst = max((d["max_rel"], f"{s}.{o}") for s, outs in entry["stage_differences"].items()
-                    for o, d in outs.items())
-        print(f"[{key}] OpenVINO vs ORT outputs: largest relative difference {worst[0]:.2e} "
-              f"({worst[1]}); final instances "
-              f"{'same' if inst['ok'] else 'DIFFER: ' + str(inst['reason'])} "
-              f"({inst['instances']} vs {inst['ref_instances']}, min IoU {inst['min_iou']}, "
-              f"max |d score| {inst['max_score_diff']})", flush=True)
-        for rt in runtimes:
-            runners[f"{key}/{rt}"] = pair[rt]
-    # a reduced-precision bundle is an approximation of fp32 on either runtime: its outputs
-    # are also held against the fp32 bundle's ORT run (the accuracy report's figures)
-    ref_key = next((k for k, m in zip(keys, manifests) if m.precision == "fp32"), None)
-    if ref_key is not None:
-        for key, m in zip(keys, manifests):
-            if m.precision == "fp32":
-                continue
-            acc = {rt: accuracy_parity(finals[ref_key]["ort"], finals[key][rt])["accuracy"]
-                   for rt in ("ort", "openvino")}
-            report["bundles"][key]["accuracy_vs_fp32_ort"] = acc
-            for rt, a in acc.items():
-                print(f"[{key}/{rt}] vs {ref_key}/ort: {a['verdict']}", flush=True)
-    finals.clear()
+        runners = {rt: PipelineRunner(f"{key}/{rt}", makers[rt](), m, args.window, args.threads)
+                   for rt in runtimes}
+        try:
+            # warm-up (untimed): records the ORT run's stage inputs; final instances compared
+            rec, out_ort = capture_stage_inputs(runners["ort"], frames)
+            out_ov = runners["openvino"].run(frames)
+            for rt in runtimes[2:]:
+                runners[rt].run(frames)
+            entry["stage_differences"] = compare_bundle_outputs(
+                runners["ort"].backend, runners["openvino"].backend, rec.samples)
+            del rec
+            entry["instances"] = inst = compare_instances(out_ort.instances, out_ov.instances)
+            worst = max((d["max_rel"], f"{s}.{o}")
+                        for s, outs in entry["stage_differences"].items() for o, d in outs.items())
+            print(f"[{key}] OpenVINO vs ORT outputs: largest relative difference {worst[0]:.2e} "
+                  f"({worst[1]}); final instances "
+                  f"{'same' if inst['ok'] else 'DIFFER: ' + str(inst['reason'])} "
+                  f"({inst['instances']} vs {inst['ref_instances']}, min IoU {inst['min_iou']}, "
+                  f"max |d score| {inst['max_score_diff']}); RSS {guard.rss_gib():.1f} GiB",
+                  flush=True)
+            # a reduced-precision bundle approximates fp32 on either runtime: also hold its
+            # instances against the fp32 bundle's ORT run (the accuracy report's figures)
+            if m.precision == "fp32" and fp32_ref is None:
+                fp32_ref = (key, out_ort.instances)
+            elif m.precision != "fp32" and fp32_ref is not None:
+                acc = {rt: accuracy_parity(fp32_ref[1], o.instances)["accuracy"]
+                       for rt, o in (("ort", out_ort), ("openvino", out_ov))}
+                entry["accuracy_vs_fp32_ort"] = acc
+                for rt, a in acc.items():
+                    print(f"[{key}/{rt}] vs {fp32_ref[0]}/ort: {a['verdict']}", flush=True)
+            del out_ort, out_ov
+            results: Dict[str, List[Any]] = {rt: [] for rt in runtimes}
 
-    results: Dict[str, List[Any]] = {k: [] for k in runners}
+            def timed(rt):
+                def go():
+                    out = runners[rt].run(frames)
+                    out.instances = None  # only the times are kept
+                    results[rt].append(out)
+                    return out.wall
+                return go
 
-    def timed(name):
-        def go():
-            out = runners[name].run(frames)
-            results[name].append(out)
-            return out.wall
-        return go
+            def say(rt, r, sec, key=key):
+                print(f"  round {r + 1}: {key + '/' + rt:>20s} {sec:7.2f} s  (RSS "
+                      f"{guard.rss_gib():.1f} GiB)", flush=True)
 
-    def say(name, r, sec):
-        print(f"  round {r + 1}: {name:>24s} {sec:7.2f} s", flush=True)
-
-    walls = alternate({k: timed(k) for k in runners}, args.rounds, on_run=say)
-    print()
-    for key in keys:
-        entry = report["bundles"][key]
-        stages = sorted(results[f"{key}/ort"][0].stage_calls)
+            walls = alternate({rt: timed(rt) for rt in runtimes}, args.rounds, on_run=say)
+        finally:
+            for r in runners.values():
+                r.close()
+            del runners
+        stages = sorted(results["ort"][0].stage_calls)
         sec = entry["seconds"] = {
-            rt: {"wall": walls[f"{key}/{rt}"],
-                 "outside_stages": [r.host for r in results[f"{key}/{rt}"]],
-                 "stages": {s: [r.stage_calls.get(s, 0.0) for r in results[f"{key}/{rt}"]]
-                            for s in stages}}
+            rt: {"wall": walls[rt], "outside_stages": [r.host for r in results[rt]],
+                 "stages": {s: [r.stage_calls.get(s, 0.0) for r in results[rt]] for s in stages}}
             for rt in runtimes}
         entry["ratios_over_openvino"] = rat = {
             rt: {"end_to_end": round_ratios(sec[rt]["wall"], sec["openvino"]["wall"]),
                  **{s: round_ratios(sec[rt]["stages"][s], sec["openvino"]["stages"][s])
                     for s in stages}}
             for rt in runtimes if rt != "openvino"}
-        print(f"[{key}] seconds (median of {args.rounds} rounds) and per-round ratios "
-              "ORT / OpenVINO, median (min-max); > 1: OpenVINO faster")
-        cols = [rt for rt in runtimes]
-        print("  " + f"{'':15s}" + "".join(f"{c:>12s}" for c in cols)
-              + "".join(f"  {c + ' / openvino':>26s}" for c in rat))
-        for name in ["end to end", *stages, "outside stages"]:
-            def med(rt):
-                v = sec[rt]["wall"] if name == "end to end" else sec[rt]["outside_stages"] \
-                    if name == "outside stages" else sec[rt]["stages"][name]
-                return float(np.median(v))
-            r_key = "end_to_end" if name == "end to end" else name
-            print("  " + f"{name:15s}" + "".join(f"{med(c):12.3f}" for c in cols)
-                  + "".join(f"  {_fmt_ratio(rat[rt][r_key]) if r_key in rat[rt] else '':>26s}"
-                            for rt in rat))
         entry["verdict"] = {
             "rule": ">= 1.2x end to end (median ORT / OpenVINO) at the same outputs",
             "end_to_end_median": rat["ort"]["end_to_end"]["median"],
             "same_outputs": bool(entry["instances"]["ok"]),
             "passes": bool(rat["ort"]["end_to_end"]["median"] >= 1.2
                            and entry["instances"]["ok"])}
+        _print_times(key, args.rounds, runtimes, stages, sec, rat)
+    report["peak_rss_gib"] = guard.peak_gib
     from dvis_trt.fileio import atomic_write_json  # noqa: PLC0415
     atomic_write_json(Path(args.json), _finite(report), indent=2)
-    print(f"written {args.json}")
-    for r in runners.values():
-        r.close()
+    print(f"peak RSS {guard.peak_gib:.1f} GiB; written {args.json}")
     return 0
+
+
+def _print_times(key, rounds, runtimes, stages, sec, rat) -> None:
+    print(f"[{key}] seconds (median of {rounds} rounds) and per-round ratios "
+          "X / OpenVINO, median (min-max); > 1: OpenVINO faster")
+    print("  " + f"{'':15s}" + "".join(f"{c:>12s}" for c in runtimes)
+          + "".join(f"  {c + ' / openvino':>26s}" for c in rat))
+    for name in ["end to end", *stages, "outside stages"]:
+        def med(rt):
+            v = sec[rt]["wall"] if name == "end to end" else sec[rt]["outside_stages"] \
+                if name == "outside stages" else sec[rt]["stages"][name]
+            return float(np.median(v))
+        r_key = "end_to_end" if name == "end to end" else name
+        print("  " + f"{name:15s}" + "".join(f"{med(c):12.3f}" for c in runtimes)
+              + "".join(f"  {_fmt_ratio(rat[rt][r_key]) if r_key in rat[rt] else '':>26s}"
+                        for rt in rat), flush=True)
 
 
 def _finite(obj):
