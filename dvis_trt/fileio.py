@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -41,6 +42,27 @@ def fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _write_through(path: Path) -> Iterator[Path]:
+    """:func:`atomic_output` for an existing non-regular ``path``: the writer fills a temporary
+    file (system temp folder), whose bytes are then written into ``path`` (opened for writing,
+    as a shell redirection would); the temporary file is always removed."""
+    import tempfile  # noqa: PLC0415
+    fd, name = tempfile.mkstemp(prefix=".dvis-trt-tmp-", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        tmp.unlink()  # the writer creates it, as in the regular case
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written for '{path}' (temporary file "
+                                    f"'{tmp.name}' was never created)")
+        with open(tmp, "rb") as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_output(path: PathLike, *, make_parents: bool = True) -> Iterator[Path]:
     """Write ``path`` atomically: yields a temporary path for the writer to create.
@@ -51,7 +73,9 @@ def atomic_output(path: PathLike, *, make_parents: bool = True) -> Iterator[Path
     ``np.save``, ``onnx.save`` — still do). When the block ends normally the file is fsynced and
     renamed over ``path`` (``os.replace``) and the folder entry is fsynced. When the block
     raises, the temporary file is deleted and the exception propagates; ``path`` is untouched
-    (an existing file keeps its old content).
+    (an existing file keeps its old content). An existing ``path`` that is neither a file nor
+    a folder (a device such as ``/dev/null``, a FIFO) is written through instead: the node
+    itself is never replaced.
 
     Example::
 
@@ -69,6 +93,11 @@ def atomic_output(path: PathLike, *, make_parents: bool = True) -> Iterator[Path
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot write '{path}': it is a folder")
+    if path.exists() and not path.is_file():
+        # a device, FIFO or socket (``--json /dev/null``, ``/dev/stdout``): renaming over it
+        # would replace the device node itself; write through it, staging in the temp folder
+        yield from _write_through(path)
+        return
     parent = path.parent
     if make_parents:
         parent.mkdir(parents=True, exist_ok=True)

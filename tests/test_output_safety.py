@@ -304,3 +304,24 @@ def test_owned_entries_names_a_symlinked_folder_as_a_link(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputRefused, match="exists and is not a folder"):
         owned_entries(tmp_path / "file")
+
+
+def test_atomic_write_to_a_fifo_writes_through_and_keeps_the_node(tmp_path):
+    """``--json /dev/null`` and the like: a device / FIFO path gets the bytes; the node itself
+    is not replaced by a regular file (a rename over /dev/null would replace the device)."""
+    import os
+    import stat
+    import threading
+
+    from dvis_trt.fileio import atomic_write_json
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    atomic_write_json(fifo, {"a": 1})
+    reader.join(timeout=10)
+    assert got == [b'{"a": 1}']
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary left here
