@@ -71,16 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides (detectron2 style), recorded in the manifest")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random example inputs used to trace (default 0)")
-    from .cli_quantize import add_calibration_arguments
+    from .cli_quantize import GATE_HELP, add_calibration_arguments
     add_calibration_arguments(parser, required=False)
+    parser.epilog = "with --precision int8, " + GATE_HELP
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="allow arbitrary pickled objects in the checkpoint (only for files "
                              "you trust)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export; prints one line per stage and a summary. Returns 0 (errors raise
-    :class:`~dvis_trt.errors.DvisTrtError`, which the CLI prints as one line).
+    """Export; prints one line per stage and a summary. Returns 0, or 1 when an int8
+    bundle's accuracy verdict fails (it is written all the same; ``cli_quantize.verdict_gate``);
+    errors raise :class:`~dvis_trt.errors.DvisTrtError`, which the CLI prints as one line.
 
     ``--precision int8`` exports fp32 into a temporary bundle next to ``--output`` and
     quantizes it from there (:func:`dvis_trt.export.quantize.quantize_bundle`); fp16/bf16 with
@@ -107,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     videos = args.validation or args.calibration
     twin = args.precision == "int8" or (args.precision != "fp32" and videos
                                         and not args.no_report)
+    acc = None  # the int8 accuracy report: its verdict is the exit status
     if not twin:
         manifest = export_from_checkpoint(args.config_file, args.checkpoint, args.output,
                                           precision=args.precision, **common)
@@ -125,22 +128,24 @@ def run(args: argparse.Namespace) -> int:
                                    **common)
             if args.precision == "int8":
                 from .quantize import quantize_bundle
-                manifest, _ = quantize_bundle(
+                manifest, acc = quantize_bundle(
                     fp32_dir, out, args.calibration, num_frames=args.calibration_frames,
                     tool=args.quant_tool, validation=args.validation,
-                    report=not args.no_report, exclude=args.exclude, progress=say)
+                    report=not args.no_report, exclude=args.exclude,
+                    reduce_range=args.reduce_range, progress=say)
             else:
                 from dvis_trt.runtime.accuracy import REPORT_FILE, compare_bundles, write_report
                 manifest = export_from_checkpoint(args.config_file, args.checkpoint, out,
                                                   precision=args.precision, **common)
-                acc = compare_bundles(out, fp32_dir, videos, progress=say)
-                write_report(acc, out / REPORT_FILE)
+                low = compare_bundles(out, fp32_dir, videos, progress=say)
+                write_report(low, out / REPORT_FILE)
                 write_marker(out, os.listdir(out))  # the report is ours too
-                say(f"accuracy vs fp32: {acc.verdict()}")
+                say(f"accuracy vs fp32: {low.verdict()}")
         finally:
             shutil.rmtree(fp32_dir, ignore_errors=True)
     total = sum((manifest.root / f).stat().st_size for s in manifest.stages.values()
                 for f in (s.file, s.data_file) if f)  # external data included
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(manifest.stages)} stages, "
           f"{total / 1e6:.1f} MB of ONNX in {manifest.root}")
-    return 0
+    from .cli_quantize import verdict_gate
+    return verdict_gate(acc, manifest.root, "export")

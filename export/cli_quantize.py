@@ -5,6 +5,11 @@ Example::
     dvis-trt quantize bundles/r50 --calibration clips/ --calibration-frames 32 \\
         --output bundles/r50_int8
 
+Exit status: 0 when the accuracy report (against the fp32 bundle, on ``--validation`` or the
+calibration videos) passes its thresholds, **1 when its verdict fails** -- the int8 bundle and
+its ``accuracy.json`` are still written, so you can inspect it, re-calibrate or ``--exclude``
+more nodes; with ``--no-report`` there is no verdict and the exit status is 0.
+
 The input bundle is never modified: like ModelOpt's ``python -m modelopt.onnx.quantization``
 and ONNX Runtime's ``quantize_static(model_input, model_output, ...)``, quantization reads one
 model and writes another, so the fp32 bundle stays for comparison (``dvis-trt check
@@ -16,7 +21,12 @@ from __future__ import annotations
 import argparse
 import time
 
-__all__ = ["add_arguments", "add_calibration_arguments", "run"]
+__all__ = ["add_arguments", "add_calibration_arguments", "run", "verdict_gate"]
+
+
+#: the exit-status rule, shown under ``--help`` of ``quantize`` and ``export``
+GATE_HELP = ("exit status: 1 when the int8 accuracy verdict against fp32 fails (the bundle and its "
+             "accuracy.json are still written), 0 when it passes or with --no-report")
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -43,13 +53,21 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -
                         help="also keep fp32 the Conv/MatMul nodes whose ONNX name matches one of "
                              "these regular expressions (e.g. 'pixel_decoder/' or 'backbone/res5'; "
                              "default: none beyond the built-in sensitive parts)")
+    parser.add_argument("--reduce-range", action="store_true",
+                        help="7-bit weights ([-64, 64]) for CPUs without VNNI (AVX2, AVX-512 "
+                             "without VNNI: their int8 kernels saturate with full-range weights; "
+                             "`grep -c vnni /proc/cpuinfo` is 0 there); costs precision where "
+                             "VNNI or TensorRT runs the graph (default off)")
     parser.add_argument("--no-report", action="store_true",
-                        help="skip the accuracy report (accuracy.json) against fp32")
+                        help="skip the accuracy report (accuracy.json) against fp32, and with it "
+                             "the gate: without a report the exit status is 0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dvis-trt quantize``."""
     from dvis_trt.runtime.cli_args import add_main_argument
+
+    parser.epilog = GATE_HELP
 
     add_main_argument(parser, "bundle", kind="bundle", metavar="BUNDLE", flags=("--bundle",),
                       accepts=("folder",), help="fp32 bundle folder (dvis-trt export)")
@@ -60,10 +78,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime threads for the accuracy report (default: all cores)")
 
 
+def verdict_gate(report, root, command: str) -> int:
+    """The exit status of an int8 export / quantize: 0 when ``report`` (an
+    :class:`~dvis_trt.runtime.accuracy.AccuracyReport`, or None with ``--no-report``) passes,
+    else 1 after one line on stderr saying the bundle at ``root`` was written anyway."""
+    import sys
+
+    if report is None or report.passed:
+        return 0
+    print(f"dvis-trt {command}: accuracy verdict FAIL against fp32 (exit 1); the int8 bundle was "
+          f"still written to {root} with accuracy.json: inspect it, re-calibrate or --exclude "
+          "more nodes before deploying", file=sys.stderr, flush=True)
+    return 1
+
+
 def run(args: argparse.Namespace) -> int:
-    """Quantize; prints one line per step and the accuracy verdict. Returns 0 (the bundle is
-    written even when the verdict fails: the report says so; ``dvis-trt check --against``
-    is the gate)."""
+    """Quantize; prints one line per step and the accuracy verdict. Returns 0 when the verdict
+    passes (or with ``--no-report``), 1 when it fails -- the bundle is written either way
+    (:func:`verdict_gate`)."""
     from dvis_trt.runtime.cli_args import resolve_main_arguments
 
     from .quantize import quantize_bundle
@@ -73,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     manifest, report = quantize_bundle(
         args.bundle, args.output, args.calibration, num_frames=args.calibration_frames,
         tool=args.quant_tool, validation=args.validation, report=not args.no_report,
-        threads=args.threads, exclude=args.exclude, progress=lambda line: print(line, flush=True))
+        threads=args.threads, exclude=args.exclude, reduce_range=args.reduce_range,
+        progress=lambda line: print(line, flush=True))
     print(f"done in {time.perf_counter() - t0:.1f} s: int8 bundle in {manifest.root}")
-    return 0
+    return verdict_gate(report, manifest.root, "quantize")
