@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -24,6 +24,7 @@ class BenchOptions:
     backends: Sequence[str] = ("torch", "ort")
     checkpoint: Optional[Any] = None
     test_weights: Optional[int] = None
+    no_baseline: bool = False
     config_file: Optional[Any] = None
     overrides: Sequence[str] = ()
     threads: Optional[int] = None
@@ -96,8 +97,38 @@ def build_eager_model(manifest, opts: BenchOptions):
     return model
 
 
-def _row_key(backend: str, msda: str, multi: bool, precision: str = "fp32") -> str:
+def _row_key(backend: str, msda: str, multi: bool, precision: str = "fp32",
+             tag: str = "") -> str:
+    """A row's name: ``backend``, or with several bundles ``backend[msda=M(,precision)(,tag)]``
+    (precision when not fp32; ``tag``, the bundle's folder name, when another bundle of the
+    run has the same MSDA mode and precision, e.g. two int8 variants)."""
     if not multi or backend == "torch":
         return backend
-    return f"{backend}[msda={msda}]" if precision == "fp32" else \
-        f"{backend}[msda={msda},{precision}]"
+    parts = [f"msda={msda}"] + ([precision] if precision != "fp32" else []) + \
+        ([tag] if tag else [])
+    return f"{backend}[{','.join(parts)}]"
+
+
+def bundle_tags(manifests) -> Dict[str, str]:
+    """``{str(manifest.root): tag}`` for :func:`_row_key`: the folder name of every bundle that
+    shares its (MSDA mode, precision) with another one of the run, "" for the rest.
+
+    Raises InputError when two such bundles also share their folder name (their rows would
+    still collide)."""
+    from collections import defaultdict
+
+    groups = defaultdict(list)
+    for man in manifests:
+        groups[(man.msda, man.precision)].append(man)
+    tags: Dict[str, str] = {}
+    for (msda, precision), mans in groups.items():
+        names = [Path(str(m.root)).name for m in mans]
+        for i, m in enumerate(mans):
+            if len(mans) > 1 and names.count(names[i]) > 1:
+                other = next(o for j, o in enumerate(mans) if j != i and names[j] == names[i])
+                raise InputError(f"bundles {other.root} and {m.root} are both msda={msda} "
+                                 f"{precision} in folders of the same name: bench tells such "
+                                 "bundles apart by their folder names; rename one, or bench "
+                                 "them in separate runs (--compare joins the reports)")
+            tags[str(m.root)] = names[i] if len(mans) > 1 else ""
+    return tags

@@ -23,7 +23,7 @@ from dvis_trt.runtime.bundle import load_manifest
 from dvis_trt.runtime.extras import have, missing_message
 from dvis_trt.runtime.preprocess import ResizeGeometry
 
-from .bench_options import BenchOptions, _row_key, build_eager_model
+from .bench_options import BenchOptions, _row_key, build_eager_model, bundle_tags
 from .parity import (LOWP_BACKENDS, LOWP_PARITY, LOWP_PRECISIONS, accuracy_parity,
                      compare_instances)
 from .runners import (BACKENDS, ENGINE_STAGES, SCHEMA, STAGE_GROUPS, BackendUnavailable,
@@ -90,6 +90,9 @@ def check_options(state: "BenchRun") -> None:
         raise InputError(f"--memory must be inprocess, isolated or off, got {opts.memory!r}")
     if int(opts.repeats) < 1 or int(opts.window) < 1:
         raise InputError("--repeats and --window must be >= 1")
+    if opts.no_baseline and "torch" in opts.backends:
+        raise InputError("--no-baseline leaves out the eager model, which the torch row is: "
+                         "drop torch from --backends or --no-baseline")
     state.log = log
 
 
@@ -103,19 +106,15 @@ def pin_and_load(state: "BenchRun") -> None:
     threads = int(opts.threads or available_cpus())
     pinned = pin_threads(threads, opts.affinity)
     manifests = [load_manifest(b, verify=False) for b in opts.bundles]
-    seen: Dict[tuple, Any] = {}
-    for man in manifests:  # a row is keyed by (msda, precision): two such bundles would collide
-        twin = seen.setdefault((man.msda, man.precision), man)
-        if twin is not man:
-            raise InputError(f"bundles {twin.root} and {man.root} are both msda={man.msda} "
-                             f"{man.precision}: bench tells bundles apart by those two; "
-                             "bench them in separate runs (--compare joins the reports)")
+    # rows are keyed by (msda, precision), plus the folder name where two bundles share both
+    tags = bundle_tags(manifests)
     primary = manifests[0]
     multi = len(manifests) > 1
     log(f"threads: {threads} (torch {pinned.get('torch_threads')}, ORT intra-op {threads}); "
         f"bundle {primary.root} (msda={primary.msda})")
     state.has_torch = has_torch
     state.manifests = manifests
+    state.tags = tags
     state.multi = multi
     state.pinned = pinned
     state.primary = primary
@@ -147,7 +146,10 @@ def eager_baseline(state: "BenchRun") -> None:
     """The eager model: the parity reference (and the ``torch`` row) when torch and weights are here."""
     has_torch, log, opts, primary = state.has_torch, state.log, state.opts, state.primary
     # the eager model is built whatever --backends says: it is the parity reference
-    if has_torch:
+    if opts.no_baseline:
+        model = None
+        log("--no-baseline: no eager reference, fp32 rows' parity unchecked")
+    elif has_torch:
         model = build_eager_model(primary, opts)
         if model is None:
             log("no --checkpoint / --test-weights and the manifest records no readable "
@@ -174,7 +176,7 @@ def build_runners(state: "BenchRun") -> None:
             if b == "torch" and mi > 0:
                 continue
             key = _row_key(b, man.msda, multi, "fp32" if b.startswith("torch") else
-                           man.precision)
+                           man.precision, "" if b == "torch" else state.tags[str(man.root)])
             rows[key] = {"backend": b, "msda": None if b == "torch" else man.msda,
                          "bundle": str(man.root), "description": BACKENDS[b]}
             try:

@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="baseline with the spread random test weights of this seed "
                         "(dvis_trt.export.testing.build_test_model), for bundles exported from "
                         "them")
+    w.add_argument("--no-baseline", action="store_true",
+                   help="no eager PyTorch model at all (not with --backends torch): fp32 rows "
+                        "are timed with their parity unchecked, int8/fp16/bf16 rows are still "
+                        "judged by the accuracy report against their fp32 twin of the run; "
+                        "saves the eager reference run"),
     parser.add_argument("--config", "--config-file", dest="config_file", metavar="NAME|CFG.yaml",
                         help="config of the eager model, a name (`dvis-trt configs`) or a YAML "
                              "file (default: the one the bundle was exported with)")
@@ -133,6 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the bench, write the three outputs, print the summary (and the comparison)."""
     from .harness import BenchOptions, run_bench
+    from .parity import LOWP_PRECISIONS
     from .report import compare, load_runs, write_outputs
 
     from dvis_trt.runtime.cli_args import resolve_bundles_and_video
@@ -161,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(
         bundles=list(args.bundle), video=args.video, backends=backends,
         checkpoint=args.checkpoint, test_weights=args.test_weights,
-        config_file=args.config_file, overrides=list(args.opts or []), threads=args.threads,
+        no_baseline=args.no_baseline, config_file=args.config_file, overrides=list(args.opts or []), threads=args.threads,
         affinity=args.affinity, max_frames=args.frames, window=args.window, warmup=args.warmup,
         repeats=args.repeats, stage_iters=args.stage_iters, stage_budget=args.stage_budget,
         stages=not args.no_stages, flops=not args.no_flops, gemm_seconds=args.gemm_seconds,
@@ -181,6 +187,11 @@ def run(args: argparse.Namespace) -> int:
     for key, row in rec["e2e"].items():
         if row.get("skipped"):
             print(f"{key}: skipped ({row['skipped']})")
+        elif row.get("valid") is False and row.get("precision") in LOWP_PRECISIONS:
+            invalid.append(key)  # timed all the same: the accuracy report states the trade
+            print(f"{key}: accuracy FAIL vs {row['parity'].get('against')} "
+                  f"({row['parity']['accuracy']['verdict']}); "
+                  f"{row['wall_s']['p50']:.2f} s per {row['frames']}-frame clip")
         elif row.get("valid") is False:
             invalid.append(key)
             print(f"{key}: INVALID — output differs from the eager baseline "

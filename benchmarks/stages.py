@@ -156,7 +156,8 @@ def profile_ort_stage(manifest, stage: str, inputs: Mapping[str, np.ndarray], th
                       top: int = 12) -> Dict[str, Any]:
     """Kernel time per ONNX op type of one ``stage`` call in ONNX Runtime (CPU), from ORT's own
     profiler: a fresh session (same threads, all optimisations, the MSDA CPU twin for plugin
-    bundles), one warm-up call, one profiled call. Returns ``{"total_s", "ops": [{"op", "s",
+    bundles, the int8 session options of :class:`OrtBackend`), one warm-up call, one profiled
+    call. Returns ``{"total_s", "ops": [{"op", "s",
     "share", "calls"}]}`` (op types after ORT's fusions, e.g. ``FusedMatMul``)."""
     import tempfile
     import onnxruntime as ort
@@ -170,8 +171,13 @@ def profile_ort_stage(manifest, stage: str, inputs: Mapping[str, np.ndarray], th
     with tempfile.TemporaryDirectory() as tmp:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "ort")
-        sess = ort.InferenceSession(str(manifest.stage_path(stage)), so,
-                                    providers=["CPUExecutionProvider"])
+        # int8 bundles run with ORT's common-subexpression elimination off (as OrtBackend
+        # runs them): it would merge the per-consumer Q/DQ pairs and un-fuse int8 kernels
+        from dvis_trt.runtime.backends.ort_backend import INT8_DISABLED_OPTIMIZERS
+        sess = ort.InferenceSession(
+            str(manifest.stage_path(stage)), so, providers=["CPUExecutionProvider"],
+            disabled_optimizers=(INT8_DISABLED_OPTIMIZERS if manifest.precision == "int8"
+                                 else None))
         feed = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
         sess.run(None, feed)
         sess.run(None, feed)

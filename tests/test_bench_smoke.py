@@ -261,11 +261,12 @@ def test_bench_rejects_unknown_backend_and_foreign_compare_file(tiny_bundle, tmp
 
 
 def test_bench_refuses_two_bundles_whose_rows_would_share_a_key(tiny_bundle, tmp_path, capsys):
-    """Rows are keyed by (backend, msda, precision): a second bundle of the same msda and
-    precision used to replace the first one's row silently."""
+    """Rows are keyed by (backend, msda, precision) and, where two bundles share those, by the
+    bundle's folder name: two such bundles in folders of the same name are refused (a second
+    row used to replace the first one's silently)."""
     import shutil
     bundle, video = tiny_bundle
-    twin = tmp_path / "twin"
+    twin = tmp_path / "elsewhere" / bundle.name
     shutil.copytree(bundle, twin)
     from dvis_trt.runtime.cli import main
     rc = main(["bench", "--bundle", str(bundle), "--bundle", str(twin), "--video", str(video),
@@ -273,3 +274,23 @@ def test_bench_refuses_two_bundles_whose_rows_would_share_a_key(tiny_bundle, tmp
     err = capsys.readouterr().err
     assert rc == 2 and "separate runs" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_bench_row_keys_tell_same_precision_bundles_apart_by_folder_name():
+    """Two int8 variants of one fp32 bundle get their own rows; the fp32 twin keeps the plain
+    key that the int8 rows' parity and ratios look up."""
+    from types import SimpleNamespace as NS
+
+    from dvis_trt.benchmarks.bench_options import _row_key, bundle_tags
+    mans = [NS(root="/b/r50_plugin", msda="plugin", precision="fp32"),
+            NS(root="/b/r50_int8", msda="plugin", precision="int8"),
+            NS(root="/c/r50_int8_xpd", msda="plugin", precision="int8"),
+            NS(root="/b/r50_onnx", msda="onnx", precision="fp32")]
+    tags = bundle_tags(mans)
+    assert tags == {"/b/r50_plugin": "", "/b/r50_int8": "r50_int8",
+                    "/c/r50_int8_xpd": "r50_int8_xpd", "/b/r50_onnx": ""}
+    keys = [_row_key("ort", m.msda, True, m.precision, tags[m.root]) for m in mans]
+    assert keys == ["ort[msda=plugin]", "ort[msda=plugin,int8,r50_int8]",
+                    "ort[msda=plugin,int8,r50_int8_xpd]", "ort[msda=onnx]"]
+    assert _row_key("ort", "plugin", True) == keys[0]          # the int8 rows' fp32 twin
+    assert _row_key("ort", "plugin", False, "int8", "x") == "ort"   # one bundle: plain name

@@ -310,7 +310,7 @@ def test_synthetic_scene_motions():
         render_scene(2, size, motion="spiral")
 
 
-def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, tiny_checkpoint, demo_mp4,
+def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, demo_mp4,
                                           tmp_path):
     torch = pytest.importorskip("torch")
     from dvis_trt.runtime.cli import main
@@ -318,19 +318,26 @@ def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, tiny_checkpo
     out = tmp_path / "bench"
     grad = torch.is_grad_enabled()  # the bench's eager baseline switches autograd off
     try:
-        _bench_int8(main, int8_bundle, tiny_bundle, tiny_checkpoint, demo_mp4, out)
+        _bench_int8(main, int8_bundle, tiny_bundle, demo_mp4, out)
     finally:
         torch.set_grad_enabled(grad)
 
 
-def _bench_int8(main, int8_bundle, tiny_bundle, tiny_checkpoint, demo_mp4, out):
+def _bench_int8(main, int8_bundle, tiny_bundle, demo_mp4, out):
+    # torch in --backends with --no-baseline: refused in one line before any work
+    assert main(["bench", str(tiny_bundle), str(demo_mp4.path), "--no-baseline",
+                 "--backends", "torch,ort", "--out", str(out)]) == 2
+    assert not out.exists()
+    # --no-baseline: no eager model; the int8 row is judged against its fp32 twin all the same
     main(["bench", str(tiny_bundle), str(int8_bundle[0].root), str(demo_mp4.path),
-          "--checkpoint", str(tiny_checkpoint), "--backends", "ort", "--frames", "8",
+          "--no-baseline", "--backends", "ort", "--frames", "8",
           "--warmup", "1", "--repeats", "1", "--no-stages", "--no-flops", "--memory", "off",
           "--gemm-seconds", "0.05", "--gemm-sizes", "128", "--out", str(out), "--quiet"])
     rec = json.loads((out / "bench.json").read_text())["runs"][-1]
     fp32, int8 = rec["e2e"]["ort[msda=onnx]"], rec["e2e"]["ort[msda=onnx,int8]"]
     assert fp32["precision"] == "fp32" and int8["precision"] == "int8"
+    assert fp32["parity"]["reason"] == "no eager baseline" and "wall_s" in fp32
+    assert "torch" not in rec["e2e"]
     acc = int8["parity"]["accuracy"]                  # the accuracy report, not fp32 bounds
     assert acc["verdict"].startswith(("PASS", "FAIL")) and 0 <= acc["matched_fraction"] <= 1
     assert int8["valid"] == acc["verdict"].startswith("PASS")
