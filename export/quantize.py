@@ -546,6 +546,7 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
             acc = compare_bundles(tmp, src, videos, threads=threads, progress=say)
             acc.info["validation"] = "calibration video(s)" if not validation else \
                 "separate validation video(s)"
+            acc.info["candidate"]["bundle"] = str(dest)  # not the temporary folder it ran in
             write_report(acc, tmp / REPORT_FILE)
             say(f"accuracy vs {src.name} ({acc.info['validation']}): {acc.verdict()}")
         write_marker(tmp, os.listdir(tmp))

@@ -233,6 +233,7 @@ def test_quantize_exits_1_when_the_verdict_fails_and_still_writes_the_bundle(
     assert load_manifest(out).precision == "int8"                  # written, hashes verified
     saved = json.loads((out / accuracy.REPORT_FILE).read_text())
     assert saved["passed"] is False and saved["thresholds"]["mean_iou"] == 1.5
+    assert saved["candidate"]["bundle"] == str(out.absolute())
     # --reduce-range: 7-bit weights, still symmetric int8 (zero point 0) for TensorRT
     man = load_manifest(out)
     assert man.producer["quantization"]["reduce_range"] is True
