@@ -311,20 +311,10 @@ def test_synthetic_scene_motions():
         render_scene(2, size, motion="spiral")
 
 
-def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, demo_mp4,
-                                          tmp_path):
-    torch = pytest.importorskip("torch")
+def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, demo_mp4, tmp_path):
     from dvis_trt.runtime.cli import main
 
     out = tmp_path / "bench"
-    grad = torch.is_grad_enabled()  # the bench's eager baseline switches autograd off
-    try:
-        _bench_int8(main, int8_bundle, tiny_bundle, demo_mp4, out)
-    finally:
-        torch.set_grad_enabled(grad)
-
-
-def _bench_int8(main, int8_bundle, tiny_bundle, demo_mp4, out):
     # torch in --backends with --no-baseline: refused in one line before any work
     assert main(["bench", str(tiny_bundle), str(demo_mp4.path), "--no-baseline",
                  "--backends", "torch,ort", "--out", str(out)]) == 2
