@@ -157,8 +157,8 @@ def profile_ort_stage(manifest, stage: str, inputs: Mapping[str, np.ndarray], th
     """Kernel time per ONNX op type of one ``stage`` call in ONNX Runtime (CPU), from ORT's own
     profiler: a fresh session (same threads, all optimisations, the MSDA CPU twin for plugin
     bundles, the int8 session options of :class:`OrtBackend`), one warm-up call, one profiled
-    call. Returns ``{"total_s", "ops": [{"op", "s",
-    "share", "calls"}]}`` (op types after ORT's fusions, e.g. ``FusedMatMul``)."""
+    call. Returns ``{"total_s", "ops": [{"op", "s", "share", "calls"}]}`` (op types after
+    ORT's fusions, e.g. ``FusedMatMul``)."""
     import tempfile
     import onnxruntime as ort
     so = ort.SessionOptions()
