@@ -564,7 +564,8 @@ def record(state: "BenchRun") -> None:
             "stage_budget_s": opts.stage_budget, "memory": opts.memory,
             "weights": (f"checkpoint {opts.checkpoint}" if opts.checkpoint else
                         f"test weights seed {opts.test_weights}"
-                        if opts.test_weights is not None else None),
+                        if opts.test_weights is not None else
+                        "none: --no-baseline" if opts.no_baseline else None),
             "parity": {"iou_min": opts.parity_iou, "score_atol": opts.parity_score_atol,
                        "reduced_precision": LOWP_PARITY},
         },

@@ -328,7 +328,7 @@ def test_bench_rows_for_int8_next_to_fp32(int8_bundle, tiny_bundle, demo_mp4, tm
     fp32, int8 = rec["e2e"]["ort[msda=onnx]"], rec["e2e"]["ort[msda=onnx,int8]"]
     assert fp32["precision"] == "fp32" and int8["precision"] == "int8"
     assert fp32["parity"]["reason"] == "no eager baseline" and "wall_s" in fp32
-    assert "torch" not in rec["e2e"]
+    assert "torch" not in rec["e2e"] and rec["settings"]["weights"] == "none: --no-baseline"
     acc = int8["parity"]["accuracy"]                  # the accuracy report, not fp32 bounds
     assert acc["verdict"].startswith(("PASS", "FAIL")) and 0 <= acc["matched_fraction"] <= 1
     assert int8["valid"] == acc["verdict"].startswith("PASS")
