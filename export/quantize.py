@@ -93,6 +93,8 @@ class QuantReport:
     quantized: List[str]
     kept: Dict[str, str]
     num_qdq: int = 0
+    #: the ONNX external-data file written next to the graph (large graphs), or None
+    data_file: Optional[str] = None
 
     def summary(self) -> str:
         from collections import Counter  # noqa: PLC0415
@@ -280,7 +282,8 @@ class _Reader:
 
 
 def _quantize_ort(src: str, dst: str, input_name: str, samples, nodes: List[str],
-                  plugin: bool, reduce_range: bool = False) -> None:
+                  plugin: bool, reduce_range: bool = False,
+                  external_data: bool = False) -> None:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,  # noqa: PLC0415
                                           QuantFormat, QuantType, quantize_static)
 
@@ -291,6 +294,7 @@ def _quantize_ort(src: str, dst: str, input_name: str, samples, nodes: List[str]
             op_types_to_quantize=list(_QUANT_OPS), per_channel=True, reduce_range=reduce_range,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=external_data,
             extra_options={
                 # TensorRT's explicit-quantization rules: symmetric int8, zero point 0
                 "ActivationSymmetric": True, "WeightSymmetric": True,
@@ -410,13 +414,20 @@ def quantize_model(src: os.PathLike | str, dst: os.PathLike | str, samples: Sequ
         raise InputError(f"{src}: no Conv/MatMul with constant weights to quantize")
     plugin = _has_plugin(model)
     input_name = model.graph.input[0].name
+    from dvis_trt.export.onnx_io import EXTERNAL_DATA_THRESHOLD, save_graph  # noqa: PLC0415
+
     dst = Path(dst)
+    # a large graph (ViT-L's segmenter, ~1.4 GB) is handed to the quantizer, and written back,
+    # with ONNX external data, like the exporter writes it (protobuf stops at 2 GiB)
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     with tempfile.TemporaryDirectory(prefix="dvis_int8_", dir=dst.parent) as tmp:
         named = os.path.join(tmp, "named.onnx")
-        onnx.save(model, named)
+        save_graph(model, named)
+        del model
         out = os.path.join(tmp, "int8.onnx")
         if tool == "ort":
-            _quantize_ort(named, out, input_name, samples, quant, plugin, reduce_range)
+            _quantize_ort(named, out, input_name, samples, quant, plugin, reduce_range,
+                          external_data=large)
         else:
             _quantize_modelopt(named, out, input_name, samples, kept, plugin)
         qmodel = onnx.load(out)
@@ -424,10 +435,17 @@ def quantize_model(src: os.PathLike | str, dst: os.PathLike | str, samples: Sequ
         topological_sort(qmodel.graph)
         num_qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear")
                       for n in qmodel.graph.node)
-        final = os.path.join(tmp, "final.onnx")
-        onnx.save(qmodel, final)
+        os.mkdir(os.path.join(tmp, "final"))
+        final = os.path.join(tmp, "final", dst.name)  # the data file's name follows the graph's
+        data_file = save_graph(qmodel, final)
+        del qmodel
+        if data_file:
+            os.replace(os.path.join(tmp, "final", data_file), dst.parent / data_file)
+        else:  # a source's external data that the quantized graph no longer uses
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dst.parent / (dst.name + ".data"))
         os.replace(final, dst)
-    return QuantReport(tool, quant, kept, num_qdq)
+    return QuantReport(tool, quant, kept, num_qdq, data_file)
 
 
 def corrupt_scale(path: os.PathLike | str, node_pattern: str, factor: float = 50.0) -> int:
@@ -512,12 +530,13 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
     tmp = temp_path(dest, keep_suffix=False)
     tmp.mkdir()
     try:
-        files = [s.file for s in src_manifest.stages.values()]
+        files = [f for s in src_manifest.stages.values() for f in (s.file, s.data_file) if f]
         if src_manifest.constants is not None:
             files.append(src_manifest.constants.file)
         for f in files:
             shutil.copy2(src / f, tmp / f)
         reports = {}
+        stages = dict(src_manifest.stages)
         for stage in QUANTIZED_STAGES:
             if stage not in src_manifest.stages:
                 continue
@@ -526,6 +545,8 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
             rep = quantize_model(path, path, cal.samples, tool=tool, extra_exclude=exclude,
                                  force=force, reduce_range=reduce_range)
             reports[stage] = rep.to_dict()
+            stages[stage] = dataclasses.replace(stages[stage], data_file=rep.data_file,
+                                                data_sha256=None)
             say(f"{stage}: {rep.summary()} in {time.perf_counter() - t1:.1f} s")
         producer = dict(src_manifest.producer)
         producer["calibration"] = cal.provenance
@@ -536,7 +557,7 @@ def quantize_bundle(bundle: os.PathLike | str, output: os.PathLike | str,
         import onnxruntime  # noqa: PLC0415
         producer["onnxruntime"] = onnxruntime.__version__
         manifest = dataclasses.replace(src_manifest, precision="int8", producer=producer,
-                                       root=None)
+                                       stages=stages, root=None)
         write_manifest(tmp, manifest, hash_files=True)
         acc = None
         if report:

@@ -400,3 +400,52 @@ def test_ort_graph_cache_is_kept_under_its_size_cap(tmp_path, monkeypatch):
         monkeypatch.setenv("DVIS_TRT_ORT_GRAPH_CACHE_MAX_GB", bad)
         with pytest.raises(InputError, match="DVIS_TRT_ORT_GRAPH_CACHE_MAX_GB"):
             graph_cache_max_bytes()
+
+
+def test_quantize_a_bundle_whose_segmenter_has_external_data(tiny_bundle, demo_mp4, tmp_path,
+                                                             monkeypatch):
+    """ViT-L's fp32 segmenter (~1.4 GB) is saved with ONNX external data: quantize copies the
+    data file with the graph, calibrates through it, and the manifest records the int8
+    graph's own layout (external when large, else one file and no stale data file)."""
+    import dataclasses
+    import shutil
+
+    import onnx
+
+    from dvis_trt.export import onnx_io
+    from dvis_trt.export.quantize import quantize_bundle
+    from dvis_trt.runtime.backends.ort_backend import OrtBackend
+    from dvis_trt.runtime.bundle import load_manifest, write_manifest
+
+    src = tmp_path / "fp32_ext"
+    shutil.copytree(tiny_bundle, src)
+    m = load_manifest(src)
+    seg = m.stages["segmenter"]
+    assert onnx_io.save_graph(onnx.load(str(src / seg.file)), src / seg.file,
+                              threshold=0) == "segmenter.onnx.data"
+    write_manifest(src, dataclasses.replace(
+        m, root=None, stages={**m.stages, "segmenter": dataclasses.replace(
+            seg, data_file="segmenter.onnx.data")}), hash_files=True)
+    assert load_manifest(src).stages["segmenter"].data_file == "segmenter.onnx.data"
+
+    one = tmp_path / "int8_one_file"
+    man, _ = quantize_bundle(src, one, [demo_mp4.path], num_frames=2, report=False)
+    assert man.stages["segmenter"].data_file is None
+    assert not (one / "segmenter.onnx.data").exists()
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 50_000)
+    ext = tmp_path / "int8_external"
+    man, _ = quantize_bundle(src, ext, [demo_mp4.path], num_frames=2, report=False)
+    assert man.stages["segmenter"].data_file == "segmenter.onnx.data"
+    assert onnx_io.external_data_file(ext / "segmenter.onnx") == "segmenter.onnx.data"
+
+    feed = {"images": np.random.default_rng(0).standard_normal((1, 3, 64, 96), np.float32)}
+    outs = []
+    for root in (one, ext):
+        verified = load_manifest(root)  # both files' sha256 checked
+        g = onnx.load(str(root / "segmenter.onnx"))
+        assert sum(n.op_type == "QuantizeLinear" for n in g.graph.node) > 0
+        with OrtBackend(("cpu",), threads=2, graph_cache=None) as b:
+            b.load_stage("segmenter", verified)
+            outs.append(b.run("segmenter", feed))
+    for name in outs[0]:  # the same calibration frames give the same int8 graph
+        np.testing.assert_array_equal(outs[0][name], outs[1][name])
