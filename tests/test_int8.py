@@ -449,3 +449,21 @@ def test_quantize_a_bundle_whose_segmenter_has_external_data(tiny_bundle, demo_m
             outs.append(b.run("segmenter", feed))
     for name in outs[0]:  # the same calibration frames give the same int8 graph
         np.testing.assert_array_equal(outs[0][name], outs[1][name])
+
+
+def test_int8_saturation_warning_needs_full_range_weights_and_a_cpu_without_vnni():
+    from types import SimpleNamespace
+
+    from dvis_trt.runtime.backends.ort_backend import int8_saturation_warning
+
+    def bundle(precision="int8", reduce_range=False):
+        return SimpleNamespace(precision=precision, root="b/",
+                               producer={"quantization": {"reduce_range": reduce_range}})
+
+    avx2 = "flags : fpu sse2 avx avx2 fma"
+    assert "--reduce-range" in int8_saturation_warning(bundle(), avx2)
+    assert int8_saturation_warning(bundle(), avx2 + " avx512f avx512_vnni") is None
+    assert int8_saturation_warning(bundle(), avx2 + " avx_vnni") is None
+    assert int8_saturation_warning(bundle(reduce_range=True), avx2) is None
+    assert int8_saturation_warning(bundle(precision="fp32"), avx2) is None
+    assert int8_saturation_warning(bundle(), "") is None          # not x86 Linux: nothing known

@@ -22,7 +22,7 @@ from dvis_trt.errors import BundleError, DependencyError, InputError
 from .base import Backend, check_inputs
 
 __all__ = ["OrtBackend", "PROVIDER_NAMES", "resolve_providers", "default_graph_cache",
-           "prune_graph_cache", "graph_cache_max_bytes"]
+           "prune_graph_cache", "graph_cache_max_bytes", "int8_saturation_warning"]
 
 #: Graph optimizers disabled for int8 bundles (must match dvis_trt.export.quantize).
 INT8_DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
@@ -136,6 +136,39 @@ def prune_graph_cache(folder: Union[str, os.PathLike], max_bytes: int,
     return removed
 
 
+def _cpu_flags_line() -> str:
+    """The ``flags`` line of ``/proc/cpuinfo`` ("" where there is none: not Linux x86)."""
+    try:
+        with open("/proc/cpuinfo", "r", encoding="utf-8") as f:
+            return next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+#: CPU flags of int8 dot-product instructions (x86): with one of them, ONNX Runtime's int8
+#: kernels keep full-range (8-bit) weights exact; without (plain AVX2/AVX-512), its u8 x s8
+#: multiply-adds saturate on full-range weights (docs/benchmarks.md, INT8).
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def int8_saturation_warning(manifest, flags_line: Optional[str] = None) -> Optional[str]:
+    """One line for an int8 bundle quantized with full-range weights (no ``--reduce-range``)
+    about to run on an x86 CPU without VNNI, else None. ``flags_line``: a ``/proc/cpuinfo``
+    flags line (default: this machine's); no flags known (not x86 Linux): None."""
+    if getattr(manifest, "precision", None) != "int8":
+        return None
+    quant = (getattr(manifest, "producer", None) or {}).get("quantization") or {}
+    if quant.get("reduce_range"):
+        return None
+    flags = set((_cpu_flags_line() if flags_line is None else flags_line).split())
+    if "avx2" not in flags or flags & VNNI_FLAGS:
+        return None
+    return (f"dvis-trt: warning: int8 bundle {manifest.root} has full-range int8 weights and "
+            "this CPU has no VNNI: ONNX Runtime's int8 kernels saturate here and accuracy drops; "
+            "re-quantize with `dvis-trt quantize ... --reduce-range` for this CPU (TensorRT "
+            "engines are not affected)")
+
+
 def default_graph_cache() -> Optional[str]:
     """Folder of ORT's optimized stage graphs: ``$DVIS_TRT_ORT_GRAPH_CACHE`` (``0`` / ``off``
     disables the cache), else ``<user cache>/ort-graphs`` (the user cache is
@@ -189,6 +222,7 @@ class OrtBackend(Backend):
         self.graph_cache = default_graph_cache() if graph_cache == "auto" else \
             (None if graph_cache is None else os.fspath(graph_cache))
         self._cache_max = graph_cache_max_bytes() if self.graph_cache else 0
+        self._warned_int8 = False
         #: seconds each stage's session took to create, and whether it came from the cache
         self.session_seconds: Dict[str, Tuple[float, bool]] = {}
         self._sessions: Dict[str, "object"] = {}
@@ -240,11 +274,7 @@ class OrtBackend(Backend):
             return None
         import hashlib  # noqa: PLC0415
         import platform  # noqa: PLC0415
-        try:
-            with open("/proc/cpuinfo", "r", encoding="utf-8") as f:
-                cpu = next((ln for ln in f if ln.startswith("flags")), "")
-        except OSError:
-            cpu = ""
+        cpu = _cpu_flags_line()
         try:  # the file itself (a manifest loaded without verification may not match it)
             st = os.stat(manifest.stage_path(stage_name))
         except OSError:
@@ -277,6 +307,12 @@ class OrtBackend(Backend):
         per_frame = any(isinstance(d, str) and d in PER_FRAME_DIMS
                         for t in spec.inputs for d in t.shape)
         so = self._session_options(manifest.msda, per_frame_shapes=per_frame)
+        if "CPUExecutionProvider" == self.providers[0] and not self._warned_int8:
+            line = int8_saturation_warning(manifest)
+            if line:
+                import sys  # noqa: PLC0415
+                print(line, file=sys.stderr)
+            self._warned_int8 = True
         cached = self._graph_cache_paths(stage_name, manifest)
         hit = cached is not None and os.path.isfile(cached)
         tmp_cache = None
