@@ -467,3 +467,41 @@ def test_int8_saturation_warning_needs_full_range_weights_and_a_cpu_without_vnni
     assert int8_saturation_warning(bundle(reduce_range=True), avx2) is None
     assert int8_saturation_warning(bundle(precision="fp32"), avx2) is None
     assert int8_saturation_warning(bundle(), "") is None          # not x86 Linux: nothing known
+
+
+def test_chunked_calibration_gives_ort_s_ranges_and_the_same_graph(tiny_bundle, demo_mp4,
+                                                                    tmp_path):
+    """Calibrating a few tensors per pass (how ViT-L fits in memory) computes exactly the
+    ranges of ORT's one-pass MinMax calibration, so the quantized graph is the same."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    from dvis_trt.export import quantize as q
+    from dvis_trt.runtime.bundle import load_manifest
+
+    m = load_manifest(tiny_bundle)
+    cal = q.load_calibration([demo_mp4.path], m.config.to_dict(), 3)
+    src = str(m.stage_path("segmenter"))
+    name = onnx.load(src).graph.input[0].name
+    full = MinMaxCalibrater(src, op_types_to_calibrate=list(q._QUANT_OPS),
+                            augmented_model_path=str(tmp_path / "aug.onnx"))
+    full.augment_graph()
+    full.create_inference_session()
+    full.collect_data(type("R", (q._Reader, CalibrationDataReader), {})(name, cal.samples))
+    want = full.compute_data()
+    (tmp_path / "w").mkdir()
+    got = q.chunked_minmax_ranges(src, name, cal.samples, False, str(tmp_path / "w"), chunk=7)
+    assert len(list(want.keys())) > 14 and sorted(got.keys()) == sorted(want.keys())
+    for k in want.keys():
+        np.testing.assert_array_equal(np.asarray(got[k].range_value),
+                                      np.asarray(want[k].range_value), err_msg=k)
+    assert not [f for f in (tmp_path / "w").iterdir() if f.name.startswith("augmented_")]
+    graphs = []
+    for chunk in (None, 7):
+        dst = tmp_path / f"int8_{chunk}.onnx"
+        q.quantize_model(src, dst, cal.samples, calibration_chunk=chunk)
+        graphs.append({i.name: numpy_helper.to_array(i) for i in onnx.load(str(dst)).graph.initializer})
+    assert graphs[0].keys() == graphs[1].keys()
+    for k in graphs[0]:
+        np.testing.assert_array_equal(graphs[0][k], graphs[1][k], err_msg=k)
