@@ -229,6 +229,22 @@ def select_nodes(model, extra_exclude: Sequence[str] = (),
 # sessions that can run our MSDA node (calibration runs the graph in ONNX Runtime)
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
+def _quiet_ort_logging() -> Iterator[None]:
+    """ORT's quantizer logs advice on the root logger ("Please consider to run pre-processing
+    before quantization"), which would reach the user's terminal as Python warnings; our
+    graphs are exported shape-inferred already. Root level raised to ERROR meanwhile."""
+    import logging  # noqa: PLC0415
+
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
+@contextlib.contextmanager
 def msda_sessions(model_has_plugin: bool) -> Iterator[None]:
     """While active, every ``onnxruntime.InferenceSession`` created (by the quantizer's
     calibrator) registers the MSDA CPU twin, so ``--msda plugin`` graphs can be calibrated.
@@ -356,7 +372,7 @@ def _quantize_ort(src: str, dst: str, input_name: str, samples, nodes: List[str]
                                        external_data)
         cache = os.path.join(workdir, "calibration_cache.json")
         save_tensors_data(ranges, cache)
-    with msda_sessions(plugin):
+    with msda_sessions(plugin), _quiet_ort_logging():
         quantize_static(
             src, dst, reader_cls(input_name, samples), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(_QUANT_OPS), per_channel=True, reduce_range=reduce_range,
