@@ -31,16 +31,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _child(argv) -> int:
-    """Run the CLI in this process, then print the peak RSS (bytes) as the last line."""
+    """Run the CLI in this process, then print the peak RSS (bytes) as the last line.
+
+    A leading ``--track-stats`` also reports the tracker's live tracks (``TrackHub.num_live``
+    after each frame, wrapped here, not in the runtime): ``live_tracks_max``/``_mean``/``_last``
+    and ``tracks_born``."""
     import resource
 
     from dvis_trt.runtime.cli import main
 
+    stats = None
+    if argv and argv[0] == "--track-stats":
+        argv = argv[1:]
+        from dvis_trt.runtime.pipeline import TrackHub
+
+        stats, hubs, update = [], [], TrackHub.update
+
+        def counted(self, *a, **kw):
+            update(self, *a, **kw)
+            stats.append(self.num_live)
+            if not any(h is self for h in hubs):
+                hubs.append(self)
+        TrackHub.update = counted
     t0 = time.perf_counter()
     rc = main(argv)
     wall = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"rc": rc, "peak_rss_bytes": int(peak_kb) * 1024, "wall_s": wall}))
+    out = {"rc": rc, "peak_rss_bytes": int(peak_kb) * 1024, "wall_s": wall}
+    if stats is not None:
+        out.update(live_tracks_max=max(stats, default=0),
+                   live_tracks_mean=sum(stats) / max(len(stats), 1),
+                   live_tracks_last=stats[-1] if stats else 0,
+                   tracks_born=sum(h.next_id for h in hubs))
+    print(json.dumps(out))
     return rc
 
 

@@ -73,12 +73,41 @@ def spread_weights_(model: nn.Module, seed: int = 0, residual_scale: float = 0.1
     return model
 
 
-def build_test_model(cfg, seed: int = 0, spread: bool = True):
-    """A seeded random ``DvisDaqOffline`` for ``cfg`` (eval mode), spread unless told not to."""
+#: Named :func:`spread_weights_` settings (keyword overrides of its defaults).
+#:
+#: ``"spread"``: the defaults (tuned on the tiny config; the parity tests and the shared
+#: ``r50_test.pth`` use them). At R50 widths they let the tracker validate nearly every
+#: new-instance query and keep every live track valid, so the live tracks ``tQ`` grow by ~65 a
+#: frame without end (64x96 scene: 93 at frame 1, 3,068 at 40) -- fine for a 12-frame parity
+#: clip, useless for anything measured against video length.
+#:
+#: ``"sparse-tracks"``: R50 widths on small frames (the 64x96 synthetic scene, ``MIN_SIZE_TEST``
+#: 64), tracks that behave like a trained model's over long videos: a few births a frame, tracks
+#: that stop being valid are kicked out after 8 misses, ``tQ`` bounded (eager, seed 0, 100
+#: frames: 50 at frame 0, then 2-20 with short bursts up to 137 that die out within ~16
+#: frames; 274 tracks born, 269 killed, longest 22 frames). A larger "no object" bias on the
+#: tracker than the defaults' +8 (+13: tracks rarely survive, tQ often 0; +11: tQ climbs to
+#: ~550) and +13 on the segmenter and refiner (fewer frame-0 births, refiner top-K not a tie).
+#: Used by ``benchmarks/memory_auto.py --make-r50-bundle``. Frame size matters: the same biases
+#: give other counts on larger frames (the 360p R50 demo uses +13 / +15, ``cli_demo.SPREAD``).
+TEST_WEIGHT_PRESETS = {
+    "spread": {},
+    "sparse-tracks": {"no_object_bias": 13.0, "tracker_no_object_bias": 12.0},
+}
+
+
+def build_test_model(cfg, seed: int = 0, spread: bool = True, preset: str = "spread"):
+    """A seeded random ``DvisDaqOffline`` for ``cfg`` (eval mode), spread unless told not to.
+
+    ``preset`` names the :func:`spread_weights_` settings (:data:`TEST_WEIGHT_PRESETS`;
+    default ``"spread"``, the defaults). Raises ValueError for an unknown preset."""
     from .model.build import build_model
 
+    if preset not in TEST_WEIGHT_PRESETS:
+        raise ValueError(f"unknown test-weight preset {preset!r}; "
+                         f"known: {', '.join(sorted(TEST_WEIGHT_PRESETS))}")
     torch.manual_seed(seed)
     model = build_model(cfg)
     if spread:
-        spread_weights_(model, seed=seed)
+        spread_weights_(model, seed=seed, **TEST_WEIGHT_PRESETS[preset])
     return model.eval()

@@ -47,7 +47,12 @@ _F32 = 4
 _HEADS = 8          # official MASK_FORMER.NHEADS (R50 / ViT-L configs)
 _FFN_PER_C = 8      # official DIM_FEEDFORWARD 2048 = 8 x HIDDEN_DIM 256
 _ATTN_COPIES = 3    # scores, softmax output, and one temporary alive at the peak
-_LIVE_TRACKS = 2    # live tracks per frame, as a multiple of NUM_NEW_INS (births + misses)
+#: live tracks per frame, as a multiple of NUM_NEW_INS (births + misses). The hub's records add
+#: up tQ over the clip's frames, so the mean matters: measured on the R50 sparse-tracks test
+#: weights (benchmarks/memory_auto.py, 250-1,000 frames) mean tQ 41 = 0.41 x N, with bursts
+#: to 683 that die out after 8 misses. A config value, not a measurement of this run, so the
+#: clip plan stays the same on every machine.
+_LIVE_TRACKS = 2
 
 
 @dataclass(frozen=True)
