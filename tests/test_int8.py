@@ -362,6 +362,26 @@ def test_ort_graph_cache_hit_gives_identical_outputs(tiny_bundle, tmp_path, monk
     assert not [p for p in (tmp_path / "g").iterdir() if "dvis-trt-tmp" in p.name]
     for k in outs[0]:
         np.testing.assert_array_equal(outs[2][k], outs[0][k])
+    # a cached graph ORT cannot load (an older version's entry, a damaged file) is dropped
+    # and the stage loads from the bundle, with the same outputs
+    seg = [p for p in (tmp_path / "g").glob("segmenter-*.ort.onnx")]
+    assert len(seg) == 1
+    seg[0].write_bytes(b"not an onnx graph")
+    b = OrtBackend("cpu", threads=1, graph_cache="auto")
+    b.load_all(m)
+    assert b.session_seconds["segmenter"][1] is False
+    again = b.run("segmenter", {"images": x})
+    b.close()
+    for k in outs[0]:
+        np.testing.assert_array_equal(again[k], outs[0][k])
+    assert seg[0].stat().st_size > 1000               # rewritten by the fresh session
+    # graphs with ONNX external data (ViT-L) are not cached: ORT's saved graph would point
+    # at a data file that is not in the cache folder
+    import dataclasses
+    big = dataclasses.replace(m, stages={**m.stages, "segmenter": dataclasses.replace(
+        m.stages["segmenter"], data_file="segmenter.onnx.data")})
+    assert OrtBackend("cpu", graph_cache="auto")._graph_cache_paths("segmenter", big) is None
+    assert OrtBackend("cpu", graph_cache="auto")._graph_cache_paths("refiner", big) is not None
 
 
 def test_ort_graph_cache_is_kept_under_its_size_cap(tmp_path, monkeypatch):

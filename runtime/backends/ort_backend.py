@@ -12,6 +12,7 @@ registers the MSDA CPU twin (:mod:`dvis_trt.plugins.ort_op`, onnxruntime-extensi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -272,6 +273,10 @@ class OrtBackend(Backend):
         optimization level and this CPU."""
         if self.graph_cache is None or self.providers != ["CPUExecutionProvider"]:
             return None
+        if manifest.stage(stage_name).data_file:
+            # a graph with ONNX external data (ViT-L's segmenter): ORT's saved optimized graph
+            # would point at the data by a path relative to the cache folder, where it is not
+            return None
         import hashlib  # noqa: PLC0415
         import platform  # noqa: PLC0415
         cpu = _cpu_flags_line()
@@ -334,14 +339,28 @@ class OrtBackend(Backend):
                 tmp_cache = None  # an unwritable cache only costs speed
         import time  # noqa: PLC0415
         t0 = time.perf_counter()
+        # int8 bundles: ORT's common-subexpression elimination would merge the per-consumer
+        # DequantizeLinear copies the quantizer made, and the int8 kernels would not fuse
+        # (the DedicatedQDQPair option in dvis_trt.export.quantize)
+        disabled = INT8_DISABLED_OPTIMIZERS if manifest.precision == "int8" else None
         try:
-            # int8 bundles: ORT's common-subexpression elimination would merge the per-consumer
-            # DequantizeLinear copies the quantizer made, and the int8 kernels would not fuse
-            # (the DedicatedQDQPair option in dvis_trt.export.quantize)
-            sess = ort.InferenceSession(
-                str(path), sess_options=so, providers=self.providers,
-                disabled_optimizers=(INT8_DISABLED_OPTIMIZERS if manifest.precision == "int8"
-                                     else None))
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=so,
+                                            providers=self.providers,
+                                            disabled_optimizers=disabled)
+            except Exception:  # noqa: BLE001 - a cached graph ORT cannot load: drop it
+                if not hit:
+                    raise
+                with contextlib.suppress(OSError):
+                    os.unlink(cached)
+                hit, path = False, manifest.stage_path(stage_name)
+                so = self._session_options(manifest.msda, per_frame_shapes=per_frame)
+                from dvis_trt.outputs import temp_path  # noqa: PLC0415
+                tmp_cache = str(temp_path(cached))      # written again, as on a miss
+                so.optimized_model_filepath = tmp_cache
+                sess = ort.InferenceSession(str(path), sess_options=so,
+                                            providers=self.providers,
+                                            disabled_optimizers=disabled)
         except Exception as exc:  # ORT raises its own exception types
             if tmp_cache and os.path.exists(tmp_cache):
                 os.unlink(tmp_cache)
