@@ -489,8 +489,8 @@ def test_int8_saturation_warning_needs_full_range_weights_and_a_cpu_without_vnni
     assert int8_saturation_warning(bundle(), "") is None          # not x86 Linux: nothing known
 
 
-def test_chunked_calibration_gives_ort_s_ranges_and_the_same_graph(tiny_bundle, demo_mp4,
-                                                                    tmp_path, caplog):
+def test_chunked_calibration_gives_ort_s_ranges_and_the_same_graph(tiny_bundle, int8_bundle,
+                                                                    demo_mp4, tmp_path, caplog):
     """Calibrating a few tensors per pass (how ViT-L fits in memory) computes exactly the
     ranges of ORT's one-pass MinMax calibration, so the quantized graph is the same."""
     from onnx import numpy_helper
@@ -501,32 +501,32 @@ def test_chunked_calibration_gives_ort_s_ranges_and_the_same_graph(tiny_bundle, 
     from dvis_trt.runtime.bundle import load_manifest
 
     m = load_manifest(tiny_bundle)
-    cal = q.load_calibration([demo_mp4.path], m.config.to_dict(), 3)
     src = str(m.stage_path("segmenter"))
     name = onnx.load(src).graph.input[0].name
+    two = q.load_calibration([demo_mp4.path], m.config.to_dict(), 2).samples
     full = MinMaxCalibrater(src, op_types_to_calibrate=list(q._QUANT_OPS),
                             augmented_model_path=str(tmp_path / "aug.onnx"))
     full.augment_graph()
     full.create_inference_session()
-    full.collect_data(type("R", (q._Reader, CalibrationDataReader), {})(name, cal.samples))
+    full.collect_data(type("R", (q._Reader, CalibrationDataReader), {})(name, two))
     want = full.compute_data()
     (tmp_path / "w").mkdir()
-    got = q.chunked_minmax_ranges(src, name, cal.samples, False, str(tmp_path / "w"), chunk=7)
-    assert len(list(want.keys())) > 14 and sorted(got.keys()) == sorted(want.keys())
+    got = q.chunked_minmax_ranges(src, name, two, False, str(tmp_path / "w"), chunk=16)
+    assert len(list(want.keys())) > 32 and sorted(got.keys()) == sorted(want.keys())
     for k in want.keys():
         np.testing.assert_array_equal(np.asarray(got[k].range_value),
                                       np.asarray(want[k].range_value), err_msg=k)
     assert not [f for f in (tmp_path / "w").iterdir() if f.name.startswith("augmented_")]
-    graphs = []
+    # the whole quantization, chunked, on the frames the int8_bundle fixture (one pass) used
+    six = q.load_calibration([demo_mp4.path], m.config.to_dict(), 6).samples
     caplog.clear()
-    for chunk in (None, 7):
-        dst = tmp_path / f"int8_{chunk}.onnx"
-        q.quantize_model(src, dst, cal.samples, calibration_chunk=chunk)
+    dst = tmp_path / "int8_chunked.onnx"
+    q.quantize_model(src, dst, six, calibration_chunk=len(list(want.keys())) // 2 + 1)
     # ORT's root-logger advice ("consider pre-processing") does not reach the user
     assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
-    for chunk in (None, 7):
-        dst = tmp_path / f"int8_{chunk}.onnx"
-        graphs.append({i.name: numpy_helper.to_array(i) for i in onnx.load(str(dst)).graph.initializer})
+    one = int8_bundle[0]
+    graphs = [{i.name: numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer}
+              for p in (one.stage_path("segmenter"), dst)]
     assert graphs[0].keys() == graphs[1].keys()
     for k in graphs[0]:
         np.testing.assert_array_equal(graphs[0][k], graphs[1][k], err_msg=k)
