@@ -426,8 +426,8 @@ def _run(args) -> int:
                            and entry["instances"]["ok"])}
         _print_times(key, args.rounds, runtimes, stages, sec, rat)
     report["peak_rss_gib"] = guard.peak_gib
-    from dvis_trt.fileio import atomic_write_json  # noqa: PLC0415
-    atomic_write_json(Path(args.json), _finite(report), indent=2)
+    from dvis_trt.fileio import atomic_write_json, strict_json  # noqa: PLC0415
+    atomic_write_json(Path(args.json), strict_json(report), indent=2)
     print(f"peak RSS {guard.peak_gib:.1f} GiB; written {args.json}")
     return 0
 
@@ -448,14 +448,6 @@ def _print_times(key, rounds, runtimes, stages, sec, rat) -> None:
                         for rt in rat), flush=True)
 
 
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -145,6 +146,18 @@ def _json_default(obj: Any):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def strict_json(obj: Any) -> Any:
+    """A copy of ``obj`` (dicts, lists, tuples, floats, ...) with NaN and infinities as None,
+    so ``json`` writes strict JSON (no ``NaN`` tokens)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def atomic_write_json(path: PathLike, obj: Any, *, indent: Optional[int] = None) -> Path:

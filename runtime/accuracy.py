@@ -344,19 +344,10 @@ def compare_bundles(candidate: os.PathLike | str, reference: os.PathLike | str,
 
 def write_report(report: AccuracyReport, path: os.PathLike | str) -> Path:
     """Write ``report.to_dict()`` as JSON atomically; returns the path."""
-    from dvis_trt.fileio import atomic_write_json  # noqa: PLC0415
-    return atomic_write_json(Path(path), _finite(report.to_dict()), indent=2)
+    from dvis_trt.fileio import atomic_write_json, strict_json  # noqa: PLC0415
+    return atomic_write_json(Path(path), strict_json(report.to_dict()), indent=2)
 
 
-def _finite(obj):
-    """NaN -> None so the JSON is strict."""
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def load_report(path: os.PathLike | str) -> Dict[str, Any]:
